@@ -1,0 +1,49 @@
+"""trustlab entry point.
+
+    python experiments/run.py method=f2c [mode=train|eval|tune|serve] [key=value ...]
+    ray job submit --working-dir . -- python experiments/run.py method=f2c
+
+Configs live in experiments/conf (groups: method/ data/ trainer/ tune/ serve/). An unknown
+method or a bad override prints one line with the valid choices and exits with code 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+
+
+def main(argv: list[str]) -> int:
+    from trustlab.platform.config import ConfigError, compose
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        cfg = compose(CONF_DIR, argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    mode = cfg["mode"]
+    if mode == "train":
+        from trustlab.platform.experiment import train
+
+        train(cfg)
+    elif mode == "eval":
+        from trustlab.platform.experiment import evaluate
+
+        evaluate(cfg)
+    elif mode == "tune":
+        from trustlab.platform.tune import sweep
+
+        sweep(cfg)
+    elif mode == "serve":
+        from trustlab.serve.app import serve_forever
+
+        serve_forever(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Shared machinery. Nothing in this package imports a method by name."""

@@ -1,0 +1,1 @@
+"""Datasets: manifests, synthetic default sets, image and video decoding."""

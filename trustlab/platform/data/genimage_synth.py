@@ -1,0 +1,110 @@
+"""A generated-image detection set made on the fly (real photos vs generator outputs).
+
+Real: patches of natural photos (``natural.random_patch``: random photo, crop, scale, flip).
+Fake: a *different* patch of the same kind of content passed through a generator-like
+decoder path: 2x area downsampling (a latent at half resolution) followed by a stride-2
+transposed convolution with a random 4x4 kernel whose four polyphase components have slightly
+unequal gains (``artifact_strength``), then a light random 3x3 smoothing conv. Decoders that
+upsample this way leave the periodic (checkerboard) spectral peaks and the depleted upper band
+reported for GAN and latent-diffusion images.
+
+Both classes are quantised to uint8, written as PNG files by the same encoder and decoded by
+the same decoder, so the file format carries no label. A manifest CSV (``uri, label, split,
+image_id, source, manipulation``) lists them; the set is cached under ``root`` by its parameters.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from trustlab.platform.data.natural import area_resize, random_patch
+
+
+def upsample_decoder(img: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Generator-like path for an HxWx3 float image (H, W even): downsample 2x, then a stride-2
+    transposed conv with a random 4x4 kernel whose polyphase gains differ by ~``strength``."""
+    h, w, _ = img.shape
+    low = area_resize(img, h // 2)
+    k = rng.uniform(0.5, 1.0, size=(4, 4)).astype(np.float32)
+    # normalise each polyphase component (output parity) to gain 1 +- strength
+    for py in range(2):
+        for px in range(2):
+            sub = k[py::2, px::2]
+            k[py::2, px::2] = sub / sub.sum() * (1.0 + strength * rng.uniform(-1, 1))
+    up = np.zeros((h + 2, w + 2, 3), np.float32)
+    z = np.zeros((h, w, 3), np.float32)
+    z[::2, ::2] = low
+    import cv2
+
+    for c in range(3):
+        up[1:-1, 1:-1, c] = cv2.filter2D(z[..., c], -1, k, borderType=cv2.BORDER_REFLECT)
+    out = up[1:-1, 1:-1]
+    smooth = rng.uniform(0.0, 0.15)
+    if smooth > 0:
+        s = np.array([[smooth / 4, smooth / 4, smooth / 4], [smooth / 4, 1 - 2 * smooth, smooth / 4],
+                      [smooth / 4, smooth / 4, smooth / 4]], np.float32)
+        s /= s.sum()
+        out = cv2.filter2D(out, -1, s, borderType=cv2.BORDER_REFLECT)
+    return out
+
+
+def _params_key(p: dict) -> str:
+    return hashlib.sha1(json.dumps(p, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def build_manifest(root: str, seed: int, size: int, n_train: int, n_val: int, n_test: int,
+                   artifact_strength: float) -> str:
+    """Write the PNGs and manifest (once per parameter set) and return the manifest path."""
+    params = dict(seed=seed, size=size, n_train=n_train, n_val=n_val, n_test=n_test,
+                  artifact_strength=artifact_strength, version=1)
+    d = os.path.join(root, f"genimage_synth-{_params_key(params)}")
+    man = os.path.join(d, "manifest.csv")
+    if os.path.exists(man):
+        return man
+    os.makedirs(d, exist_ok=True)
+    rows = []
+    idx = 0
+    for split, n, off in (("train", n_train, 0), ("val", n_val, 1), ("test", n_test, 2)):
+        rng = np.random.default_rng([seed, off])
+        for i in range(n):
+            label = i % 2
+            img = random_patch(rng, size)
+            if label:
+                img = upsample_decoder(img, rng, artifact_strength)
+            arr = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+            rel = f"{split}/{idx:06d}.png"
+            os.makedirs(os.path.join(d, split), exist_ok=True)
+            Image.fromarray(arr).save(os.path.join(d, rel))
+            rows.append(dict(uri=os.path.join(d, rel), label=label, split=split, image_id=idx,
+                             source="natural" if label == 0 else "upsampling_decoder",
+                             manipulation="none" if label == 0 else "transposed_conv_x2"))
+            idx += 1
+    tmp = man + ".tmp"
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    os.replace(tmp, man)
+    with open(os.path.join(d, "params.json"), "w") as f:
+        json.dump(params, f, indent=2)
+    return man
+
+
+def load_image_manifest(manifest: str, size: int | None = None) -> dict:
+    """Decode every image of a manifest into ``{split: {x: N x 3 x H x W uint8, y, vid}}``."""
+    from trustlab.platform import storage
+
+    df = pd.read_csv(manifest)
+    out = {}
+    for split, g in df.groupby("split", sort=False):
+        xs = []
+        for uri in g["uri"]:
+            im = Image.open(__import__("io").BytesIO(storage.read_bytes(uri))).convert("RGB")
+            if size and im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            xs.append(np.asarray(im).transpose(2, 0, 1))
+        out[split] = {"x": np.stack(xs), "y": g["label"].to_numpy(np.int64),
+                      "vid": g["image_id"].to_numpy(np.int64)}
+    return out

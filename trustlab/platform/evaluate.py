@@ -1,0 +1,54 @@
+"""Scoring a model on a split, in a worker or on the driver; shared by train, eval and Serve."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trustlab.platform.metrics import detection_metrics
+
+
+def iter_array_batches(arrays: dict, batch_size: int, indices=None):
+    """Yield dicts of numpy slices of ``arrays`` (all keys share the first dimension)."""
+    n = len(arrays["y"]) if indices is None else len(indices)
+    for s in range(0, n, batch_size):
+        idx = slice(s, s + batch_size) if indices is None else indices[s : s + batch_size]
+        yield {k: v[idx] for k, v in arrays.items()}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def score_batches(method, model, batches, cfg: dict, device="cpu"):
+    """Run ``method.predict`` over numpy batches; returns (labels, scores, vids) as numpy."""
+    model.eval()
+    ys, ss, vs = [], [], []
+    for b in batches:
+        t = to_device(method.to_batch(b), device)
+        s = method.predict(model, t, cfg)
+        ss.append(s.detach().float().cpu().numpy().reshape(-1))
+        ys.append(np.asarray(b["y"]).reshape(-1))
+        vs.append(np.asarray(b["vid"]).reshape(-1) if "vid" in b else np.arange(len(ys[-1])))
+    if not ss:
+        return np.zeros(0, int), np.zeros(0), np.zeros(0, int)
+    return np.concatenate(ys), np.concatenate(ss), np.concatenate(vs)
+
+
+def evaluate_arrays(method, model, arrays: dict, cfg: dict, device="cpu", batch_size: int | None = None) -> tuple[dict, tuple]:
+    bs = batch_size or int(cfg["trainer"]["eval_batch_size"])
+    y, s, v = score_batches(method, model, iter_array_batches(arrays, bs), cfg, device)
+    return detection_metrics(y, s, v, float(cfg["trainer"].get("threshold", 0.5))), (y, s, v)
+
+
+def evaluate_dataset(method, model, ds, cfg: dict, device="cpu") -> tuple[dict, tuple]:
+    """Same as ``evaluate_arrays`` for a ``ray.data.Dataset`` split (streamed, not materialised)."""
+    bs = int(cfg["trainer"]["eval_batch_size"])
+    y, s, v = score_batches(method, model, ds.iter_batches(batch_size=bs, batch_format="numpy"), cfg, device)
+    return detection_metrics(y, s, v, float(cfg["trainer"].get("threshold", 0.5))), (y, s, v)
+
+
+def evaluate_split(method, model, split, cfg: dict, device="cpu"):
+    if isinstance(split, dict):
+        return evaluate_arrays(method, model, split, cfg, device)
+    return evaluate_dataset(method, model, split, cfg, device)

@@ -1,0 +1,117 @@
+"""Modes of the entry point: train, eval (tune and serve live in tune.py and trustlab.serve).
+
+A run folder ``<run.root>/<run.name>/`` holds ``config.yaml`` (resolved), ``metrics.json``,
+``roc.png``, ``checkpoints/best.pt`` and ``summary.txt`` (also printed at the end).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from trustlab.platform import checkpoints as ck
+from trustlab.platform.config import to_yaml
+from trustlab.platform.evaluate import evaluate_split
+from trustlab.platform.registry import get_method
+
+
+def run_name(cfg: dict) -> str:
+    return cfg["run"].get("name") or f"{cfg['method']['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(cfg: dict) -> tuple[str, str]:
+    name = run_name(cfg)
+    cfg["run"]["name"] = name
+    d = os.path.abspath(os.path.join(cfg["run"]["root"], name))
+    os.makedirs(os.path.join(d, "checkpoints"), exist_ok=True)
+    with open(os.path.join(d, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+    return name, d
+
+
+def summarize(cfg: dict, run_dir: str, metrics: dict, extra_lines=()) -> str:
+    lines = [f"== trustlab {cfg['method']['name']} ({cfg['mode']}) — run {cfg['run']['name']}",
+             f"run folder: {run_dir}"]
+    for split in ("val", "test"):
+        for level in ("frame", "video"):
+            m = metrics.get(split, {}).get(level)
+            if m:
+                lines.append(f"{split:>5} {level:<6} " + "  ".join(
+                    f"{k} {m[k]:.4f}" for k in ("auc", "ap", "eer", "acc") if k in m) + f"  (n={m.get('n')})")
+    lines.extend(extra_lines)
+    text = "\n".join(lines)
+    with open(os.path.join(run_dir, "summary.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text, flush=True)
+    return text
+
+
+def evaluate_and_report(cfg, method, model, data, run_dir, fname="metrics.json", extra=None):
+    from trustlab.platform.plots import roc_plot
+    from trustlab.platform.train import write_json
+
+    metrics, curves = {}, {}
+    for split in ("val", "test"):
+        if split in data:
+            m, (y, s, _) = evaluate_split(method, model, data[split], cfg)
+            metrics[split] = m
+            curves[f"{split} frame"] = (y, s)
+    if hasattr(method, "after_train"):
+        metrics.update(method.after_train(cfg, model, data, run_dir) or {})
+    if extra:
+        metrics.update(extra)
+    write_json(os.path.join(run_dir, fname), metrics)
+    if curves:
+        roc_plot(curves, os.path.join(run_dir, "roc.png"), title=f"{cfg['method']['name']} ROC")
+    return metrics
+
+
+def train(cfg: dict) -> dict:
+    from trustlab.platform.runtime import init_ray
+    from trustlab.platform.train import checkpoint_uri, fit_stage, load_model
+
+    name, run_dir = prepare_run_dir(cfg)
+    method = get_method(cfg["method"]["name"])
+    res = init_ray(cfg)
+    print(f"[trustlab] {method.name}: run {name} in {run_dir}; cluster {dict(res)}", flush=True)
+    t0 = time.time()
+    data = method.build_data(cfg)
+    print(f"[trustlab] data ready in {time.time() - t0:.1f}s: " + ", ".join(
+        f"{k} {len(v['y']) if isinstance(v, dict) else v.count()}" for k, v in data.items()), flush=True)
+    init_from = cfg["method"].get("init_from")
+    history = {}
+    for stage in method.stages(cfg):
+        print(f"[trustlab] stage {stage}: {method.stage_epochs(cfg, stage)} epochs on "
+              f"{cfg['trainer']['num_workers']} worker(s)", flush=True)
+        result, best = fit_stage(cfg, stage, data, name, run_dir, init_from=init_from)
+        if best is None:
+            raise RuntimeError(f"stage {stage} produced no checkpoint")
+        init_from = checkpoint_uri(best, cfg)
+        history[stage] = result.metrics
+    state = ck.load_state(init_from, cfg["run"].get("s3_endpoint"))
+    ck.save_state(os.path.join(run_dir, "checkpoints"), **state)
+    os.replace(os.path.join(run_dir, "checkpoints", ck.CKPT_FILE), os.path.join(run_dir, "checkpoints", "best.pt"))
+    method, model = load_model(cfg, state)
+    metrics = evaluate_and_report(cfg, method, model, data, run_dir,
+                                  extra={"selected": {"checkpoint": init_from, "epoch": state.get("epoch"),
+                                                      "stage": state.get("stage")},
+                                         "train_seconds": time.time() - t0})
+    summarize(cfg, run_dir, metrics, [f"best checkpoint: epoch {state.get('epoch')} of stage "
+                                      f"{state.get('stage')} (selected on val) -> {run_dir}/checkpoints/best.pt",
+                                      f"wall time {time.time() - t0:.0f}s"])
+    return metrics
+
+
+def evaluate(cfg: dict) -> dict:
+    """mode=eval: reload a checkpoint and recompute val/test metrics on the same data."""
+    from trustlab.platform.train import load_model
+
+    name, run_dir = prepare_run_dir(cfg)
+    uri = cfg["eval"].get("checkpoint") or os.path.join(run_dir, "checkpoints", "best.pt")
+    state = ck.load_state(uri, cfg["run"].get("s3_endpoint"))
+    method = get_method(cfg["method"]["name"])
+    data = method.build_data(cfg)
+    method, model = load_model(cfg, state)
+    metrics = evaluate_and_report(cfg, method, model, data, run_dir, fname="metrics_eval.json",
+                                  extra={"checkpoint": uri})
+    summarize(cfg, run_dir, metrics, [f"checkpoint: {uri}"])
+    return metrics
