@@ -49,6 +49,11 @@ def evaluate_and_report(cfg, method, model, data, run_dir, fname="metrics.json",
     from trustlab.platform.plots import roc_plot
     from trustlab.platform.train import write_json
 
+    if hasattr(method, "evaluate"):
+        metrics = method.evaluate(cfg, model, data, run_dir)
+        metrics.update(extra or {})
+        write_json(os.path.join(run_dir, fname), metrics)
+        return metrics
     metrics, curves = {}, {}
     for split in ("val", "test"):
         if split in data:

@@ -17,6 +17,26 @@ A method provides, all taking the resolved plain-dict config ``cfg``:
 - ``serve_inputs(images, cfg)`` -> a batch dict built from decoded RGB uint8 images (HxWx3),
   for the Serve image path.
 
+Optional hooks (define them only where the generic behaviour does not fit):
+
+- ``worker_loop_for(stage)`` -> a per-worker function ``fn(config)`` replacing the generic Ray
+  Train loop for that stage (non-gradient stages: dataset distillation, relabel sampling, GAN
+  alternation). ``config`` has ``cfg, stage, epochs, init_from, data_ref, ray_datasets``; the
+  function must call ``ray.train.report(metrics, checkpoint)`` at least once with a metric
+  ``val_score`` (higher is better) and a checkpoint directory written by
+  ``trustlab.platform.checkpoints.save_state(dir, model=..., epoch=..., stage=..., cfg=...)``.
+  ``trustlab.platform.train.worker_loop`` is the reference.
+- ``validate(model, stage, cfg, batches, rank, world, device, gather)`` -> per-epoch validation
+  metrics including ``val_score``, replacing the generic detection validation.
+- ``evaluate(cfg, model, data, run_dir)`` -> the whole ``metrics.json`` dict (split -> level ->
+  metric, plus "ablation"/"baselines"/...), replacing the generic detection evaluation.
+- ``after_train(cfg, model, data, run_dir)`` -> extra top-level entries merged into the generic
+  ``metrics.json`` (robustness tables, ablations, plots written into ``run_dir``).
+
+Every method YAML also carries ``ci_overrides``: a list of Hydra override strings that shrink
+its default run for tests (tiny data, one epoch); tests parametrised over ``list_methods()``
+train every registered method through Ray Train with them.
+
 ``MethodBase`` holds the defaults most methods share; a method overrides what differs.
 """
 from __future__ import annotations
@@ -52,7 +72,7 @@ class MethodBase:
         out = {}
         for k, v in arrays.items():
             v = np.asarray(v)
-            t = torch.from_numpy(np.ascontiguousarray(v))
+            t = torch.from_numpy(np.array(v, copy=True))  # object-store arrays are read-only
             if k == "x" and t.dtype == torch.uint8:
                 t = t.float().div_(255.0)
             out[k] = t
