@@ -72,6 +72,9 @@ class MethodBase:
         out = {}
         for k, v in arrays.items():
             v = np.asarray(v)
+            if v.dtype.kind not in "biuf":  # strings / objects (paths, names) stay numpy
+                out[k] = v
+                continue
             t = torch.from_numpy(np.array(v, copy=True))  # object-store arrays are read-only
             if k == "x" and t.dtype == torch.uint8:
                 t = t.float().div_(255.0)

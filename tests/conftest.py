@@ -1,0 +1,132 @@
+"""Shared fixtures. One Ray cluster per test session: a head started with ``ray start`` on free
+loopback ports and its own temp dir (so ``ray job submit`` can be tested against it too), joined
+by this process with ``ray.init``; stopped at the end by the PIDs of its own processes."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF_DIR = os.path.join(REPO, "experiments", "conf")
+BIN = os.path.dirname(sys.executable)
+# Keep every Ray process on the loopback interface (Ray otherwise swaps 127.0.0.1 for the
+# machine's routable address; this switch makes it use the loopback address).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_using(marker: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "--", marker], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if int(p) != os.getpid()]
+
+
+def with_descendants(pids) -> list[int]:
+    out, todo = [], list(pids)
+    while todo:
+        p = todo.pop()
+        if p in out:
+            continue
+        out.append(p)
+        kids = subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout.split()
+        todo.extend(int(k) for k in kids)
+    return out
+
+
+def stop_pids(pids, timeout: float = 15.0) -> None:
+    pids = with_descendants(pids)
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    end = time.time() + timeout
+    while time.time() < end and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    for p in pids:
+        if _alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # zombies count as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """``{"address", "dashboard", "temp_dir", "env"}`` of a running head; this process is joined."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="tlr", dir="/tmp")
+    port, dash, agent = free_port(), free_port(), free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    cmd = [os.path.join(BIN, "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+           f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--temp-dir={temp_dir}",
+           f"--num-cpus={os.cpu_count()}", "--disable-usage-stats"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if r.returncode != 0:
+        stop_pids(_pids_using(temp_dir) + _pids_using(f"--address=127.0.0.1:{port}"))
+        raise RuntimeError(f"ray start failed:\n{r.stdout}\n{r.stderr}")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    address = f"127.0.0.1:{port}"
+    ray.init(address=address, log_to_driver=True)
+    info = {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir, "env": env}
+    try:
+        yield info
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()
+        stop_pids(_pids_using(temp_dir) + _pids_using(f"--address=127.0.0.1:{port}"))
+
+
+@pytest.fixture(scope="session")
+def conf_dir():
+    return CONF_DIR
+
+
+def compose(overrides=(), tmp_path=None):
+    """Compose a config like the entry point does, with run folders under ``tmp_path``."""
+    from trustlab.platform.config import compose as _compose
+
+    ov = list(overrides)
+    if tmp_path is not None:
+        ov.append(f"run.root={tmp_path}")
+    return _compose(CONF_DIR, ov)
+
+
+def ci_overrides(method: str) -> list[str]:
+    from omegaconf import OmegaConf
+
+    y = OmegaConf.load(os.path.join(CONF_DIR, "method", f"{method}.yaml"))
+    return list(y.get("ci_overrides", []))
