@@ -14,6 +14,26 @@ import sys
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
 
+def expand_overrides_file(argv: list[str]) -> list[str]:
+    """``overrides_file=PATH`` (e.g. a sweep's best_overrides.yaml) -> its override strings."""
+    from trustlab.platform.config import ConfigError
+
+    out = []
+    for a in argv:
+        if a.startswith("overrides_file="):
+            import yaml
+
+            path = a.split("=", 1)[1]
+            try:
+                with open(path) as f:
+                    out.extend(str(o) for o in (yaml.safe_load(f) or {}).get("overrides", []))
+            except OSError as e:
+                raise ConfigError(f"cannot read overrides_file {path!r}: {e.strerror}") from None
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str]) -> int:
     from trustlab.platform.config import ConfigError, compose
 
@@ -21,7 +41,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     try:
-        cfg = compose(CONF_DIR, argv)
+        cfg = compose(CONF_DIR, expand_overrides_file(argv))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

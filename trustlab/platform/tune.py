@@ -1,0 +1,226 @@
+"""Ray Tune sweeps over a method's declared space (``method.tune.space`` in its YAML).
+
+Driver-function pattern (Train v2): each trial is a function that applies its sampled values
+to the base config and runs the method's stages through ``fit_stage``; the last stage reports
+to Tune through ``TuneReportCallback`` once per epoch, so ASHA rungs are epochs. Search:
+OptunaSearch (TPE, seeded) by default, or random / grid; scheduler ASHA or FIFO. Trials get
+fractional CPUs so several fit on a 2-CPU machine (the trial's driver function itself takes none).
+
+The sweep folder ``<run.root>/<run.name>/`` holds Tune's experiment (CSV/JSON/TensorBoard logs
+per trial), ``results.csv``, ``best_overrides.yaml`` (Hydra override strings: rerun the best
+trial with ``python experiments/run.py method=X overrides_file=<that file>``), and plots.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from trustlab.platform.config import ConfigError, apply_dotted
+
+DISTS = {
+    "uniform": ("low", "high"),
+    "loguniform": ("low", "high"),
+    "quniform": ("low", "high", "q"),
+    "randint": ("low", "high"),
+    "choice": ("values",),
+}
+
+
+def _lookup(cfg: dict, dotted: str):
+    node = cfg
+    for p in dotted.split("."):
+        if not isinstance(node, dict) or p not in node:
+            raise KeyError(dotted)
+        node = node[p]
+    return node
+
+
+def validate_space(space: dict, cfg: dict) -> None:
+    """Every key must exist in the config; every distribution must be known and well-formed."""
+    if not isinstance(space, dict) or not space:
+        raise ConfigError("method.tune.space is empty: declare at least one parameter")
+    for key, spec in space.items():
+        try:
+            _lookup(cfg, key)
+        except KeyError:
+            raise ConfigError(f"tune.space key {key!r} is not a config key") from None
+        if not isinstance(spec, dict) or spec.get("type") not in DISTS:
+            raise ConfigError(f"tune.space[{key!r}]: type must be one of {', '.join(DISTS)}; got {spec!r}")
+        need = DISTS[spec["type"]]
+        extra = set(spec) - set(need) - {"type"}
+        missing = [k for k in need if k not in spec]
+        if missing or extra:
+            raise ConfigError(f"tune.space[{key!r}] ({spec['type']}) needs exactly {', '.join(need)}; "
+                              f"missing {missing or '-'}, unknown {sorted(extra) or '-'}")
+        if spec["type"] == "choice":
+            if not isinstance(spec["values"], list) or not spec["values"]:
+                raise ConfigError(f"tune.space[{key!r}]: values must be a non-empty list")
+            continue
+        lo, hi = spec["low"], spec["high"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) or not lo < hi:
+            raise ConfigError(f"tune.space[{key!r}]: need numbers low < high, got {lo!r}, {hi!r}")
+        if spec["type"] == "loguniform" and lo <= 0:
+            raise ConfigError(f"tune.space[{key!r}]: loguniform needs low > 0, got {lo!r}")
+
+
+def build_space(space: dict, search: str, grid_points: int = 3) -> dict:
+    from ray import tune
+
+    out = {}
+    for key, s in space.items():
+        t = s["type"]
+        if search == "grid":
+            if t == "choice":
+                vals = list(s["values"])
+            elif t == "loguniform":
+                vals = [float(math.exp(math.log(s["low"]) + i * (math.log(s["high"]) - math.log(s["low"])) / (grid_points - 1)))
+                        for i in range(grid_points)]
+            elif t == "randint":
+                vals = sorted({int(round(s["low"] + i * (s["high"] - 1 - s["low"]) / (grid_points - 1))) for i in range(grid_points)})
+            else:
+                vals = [float(s["low"] + i * (s["high"] - s["low"]) / (grid_points - 1)) for i in range(grid_points)]
+            out[key] = tune.grid_search(vals)
+        elif t == "uniform":
+            out[key] = tune.uniform(s["low"], s["high"])
+        elif t == "loguniform":
+            out[key] = tune.loguniform(s["low"], s["high"])
+        elif t == "quniform":
+            out[key] = tune.quniform(s["low"], s["high"], s["q"])
+        elif t == "randint":
+            out[key] = tune.randint(s["low"], s["high"])
+        else:
+            out[key] = tune.choice(s["values"])
+    return out
+
+
+def _trial(config: dict, base_cfg: dict, data, sweep_dir: str) -> None:
+    """One trial: the sampled values applied to the base config, every stage through Ray Train."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trustlab.platform.registry import get_method
+    from trustlab.platform.train import checkpoint_uri, fit_stage
+
+    cfg = apply_dotted(base_cfg, config)
+    method = get_method(cfg["method"]["name"])
+    trial = tune.get_context().get_trial_id()
+    stages = method.stages(cfg)
+    init_from = cfg["method"].get("init_from")
+    for i, stage in enumerate(stages):
+        last = i == len(stages) - 1
+        _, best = fit_stage(cfg, stage, data, f"trial-{trial}", sweep_dir, init_from=init_from,
+                            callbacks=[TuneReportCallback()] if last else None)
+        if best is not None:
+            init_from = checkpoint_uri(best, cfg)
+
+
+def sizing(cfg: dict, resources: dict) -> dict:
+    """Concurrent trials and per-trial Train resources from the cluster (GPUs when present)."""
+    tc, t = cfg["tune"], cfg["trainer"]
+    workers = int(t["num_workers"])
+    gpus = resources.get("GPU", 0)
+    if gpus and cfg["trainer"].get("use_gpu", "auto") is not False:
+        conc = tc.get("max_concurrent_trials") or max(1, int(gpus // (workers * float(t.get("gpus_per_worker", 1)))))
+        cpus = tc.get("trial_cpus") or float(t["cpus_per_worker"])
+    else:
+        total = resources.get("CPU", 1)
+        conc = tc.get("max_concurrent_trials") or max(1, min(int(tc["num_samples"]), int(total // workers) or 1))
+        cpus = tc.get("trial_cpus") or round(0.95 * total / (conc * workers), 3)
+    return {"max_concurrent_trials": int(conc), "cpus_per_worker": float(cpus)}
+
+
+def sweep(cfg: dict) -> dict:
+    import pandas as pd
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from trustlab.platform.experiment import prepare_run_dir
+    from trustlab.platform.registry import get_method
+    from trustlab.platform.runtime import init_ray
+    from trustlab.platform.train import storage_for
+
+    tc = cfg["tune"]
+    mt = cfg["method"].get("tune") or {}
+    space_spec = mt.get("space") or {}
+    validate_space(space_spec, cfg)
+    metric, mode = mt.get("metric", "val_auc"), mt.get("mode", "max")
+    name, sweep_dir = prepare_run_dir(cfg)
+    resources = init_ray(cfg)
+    size = sizing(cfg, resources)
+    cfg["trainer"]["cpus_per_worker"] = size["cpus_per_worker"]
+    method = get_method(cfg["method"]["name"])
+    data = method.build_data(cfg)
+    print(f"[trustlab] sweep {name}: {tc['num_samples']} trials ({tc['search']} + {tc['scheduler']}), "
+          f"{size['max_concurrent_trials']} at a time, {size['cpus_per_worker']} CPU per worker; "
+          f"space: {', '.join(space_spec)}", flush=True)
+
+    search = tc["search"]
+    if search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna
+
+        search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=int(cfg["seed"])), metric=metric, mode=mode)
+    elif search in ("random", "grid"):
+        search_alg = None
+    else:
+        raise ConfigError(f"unknown tune.search {search!r}; valid choices: optuna, random, grid")
+    epochs = method.stage_epochs(cfg, method.stages(cfg)[-1])
+    if tc["scheduler"] == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs,
+                                  grace_period=int(tc["grace_period"]), reduction_factor=int(tc["reduction_factor"]))
+    elif tc["scheduler"] == "fifo":
+        scheduler = FIFOScheduler()
+    else:
+        raise ConfigError(f"unknown tune.scheduler {tc['scheduler']!r}; valid choices: asha, fifo")
+
+    storage_path, fs = storage_for(cfg, sweep_dir)
+    trainable = tune.with_resources(tune.with_parameters(_trial, base_cfg=cfg, data=data, sweep_dir=sweep_dir),
+                                    {"cpu": 0})
+    exp_path = os.path.join(storage_path, "sweep") if fs is None else f"{storage_path}/sweep"
+    if tc.get("resume") and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        print(f"[trustlab] resuming sweep from {exp_path}", flush=True)
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=build_space(space_spec, search, int(tc.get("grid_points", 3))),
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler,
+                num_samples=1 if search == "grid" else int(tc["num_samples"]),
+                max_concurrent_trials=size["max_concurrent_trials"],
+            ),
+            run_config=tune.RunConfig(name="sweep", storage_path=storage_path, storage_filesystem=fs,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    results = tuner.fit()
+    df = results.get_dataframe()
+    keep = [c for c in df.columns if c.startswith("config/") or c in (
+        "trial_id", metric, "training_iteration", "val_loss", "train_loss", "time_total_s")]
+    table = df[keep].copy()
+    table.columns = [c.replace("config/", "") for c in table.columns]
+    table["stopped_early"] = table["training_iteration"] < epochs
+    table = table.sort_values(metric, ascending=(mode == "min"))
+    table.to_csv(os.path.join(sweep_dir, "results.csv"), index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.to_string(index=False), flush=True)
+    best = results.get_best_result(metric=metric, mode=mode, scope="all")
+    best_cfg = {k: v for k, v in best.config.items()}
+    overrides = [f"{k}={v}" for k, v in best_cfg.items()]
+    path = os.path.join(sweep_dir, "best_overrides.yaml")
+    with open(path, "w") as f:
+        f.write(f"# best trial of sweep {name}: {metric} = {best.metrics.get(metric)}\n"
+                f"# retrain: python experiments/run.py method={cfg['method']['name']} overrides_file={path}\n")
+        f.write("overrides:\n" + "".join(f"  - {o}\n" for o in overrides))
+    summary = {"best_config": best_cfg, "best_metric": best.metrics.get(metric), "metric": metric,
+               "trials": int(len(table)), "stopped_early": int(table["stopped_early"].sum()),
+               "trial_epochs": int(table["training_iteration"].sum()), "overrides_file": path,
+               "sweep_dir": sweep_dir}
+    from trustlab.platform.train import write_json
+
+    write_json(os.path.join(sweep_dir, "sweep.json"), summary)
+    print(f"[trustlab] best {metric} {best.metrics.get(metric)} with {best_cfg}\n"
+          f"[trustlab] {summary['stopped_early']} of {summary['trials']} trials stopped early; "
+          f"{summary['trial_epochs']} trial-epochs\n[trustlab] best overrides: {path}", flush=True)
+    return summary
