@@ -1,0 +1,1 @@
+"""Ray Serve deployments and applications (methods are reached through the registry only)."""
