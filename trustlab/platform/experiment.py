@@ -91,13 +91,13 @@ def train(cfg: dict) -> dict:
         if best is None:
             raise RuntimeError(f"stage {stage} produced no checkpoint")
         init_from = checkpoint_uri(best, cfg)
-        history[stage] = result.metrics
+        history[stage] = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
     state = ck.load_state(init_from, cfg["run"].get("s3_endpoint"))
     ck.save_state(os.path.join(run_dir, "checkpoints"), **state)
     os.replace(os.path.join(run_dir, "checkpoints", ck.CKPT_FILE), os.path.join(run_dir, "checkpoints", "best.pt"))
     method, model = load_model(cfg, state)
     metrics = evaluate_and_report(cfg, method, model, data, run_dir,
-                                  extra={"selected": {"checkpoint": init_from, "epoch": state.get("epoch"),
+                                  extra={"train_history": history, "selected": {"checkpoint": init_from, "epoch": state.get("epoch"),
                                                       "stage": state.get("stage")},
                                          "train_seconds": time.time() - t0})
     summarize(cfg, run_dir, metrics, [f"best checkpoint: epoch {state.get('epoch')} of stage "

@@ -165,7 +165,7 @@ def worker_loop(config: dict) -> None:
         metrics.update(validate(method, model, stage, cfg,
                                 _val_batches(data.get("val"), rank, world, int(t["eval_batch_size"]), shards.get("val")),
                                 rank, world, device))
-        metrics.update(epoch=epoch + 1, stage=stage, steps=steps, train_seconds=train_time,
+        metrics.update(epoch=epoch + 1, stage=stage, steps=steps, train_seconds=train_time, resumed_from_epoch=start_epoch,
                        samples_per_second=steps * bs / max(train_time, 1e-9))
         ckpt = None
         if rank == 0:

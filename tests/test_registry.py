@@ -1,0 +1,128 @@
+"""Registry and config tests, parametrised over every registered method (a new method is tested
+the moment it registers)."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, REPO, ci_overrides, compose
+from trustlab.platform.config import ConfigError, group_options
+from trustlab.platform.registry import UnknownMethodError, get_method, list_methods, register_method
+from trustlab.platform.tune import validate_space
+
+METHODS = list_methods()
+
+
+def test_registry_lists_f2c_and_rejects_unknown():
+    assert "f2c" in METHODS and METHODS == sorted(METHODS)
+    with pytest.raises(UnknownMethodError, match="valid choices: .*f2c"):
+        get_method("no-such-method")
+
+
+def test_register_twice_with_another_class_fails():
+    @register_method("tmp-dup")
+    class A:  # noqa: N801
+        pass
+
+    with pytest.raises(ValueError, match="registered twice"):
+        @register_method("tmp-dup")
+        class B:  # noqa: N801
+            pass
+
+
+def test_every_method_yaml_has_a_registered_module():
+    assert sorted(group_options(CONF_DIR, "method")) == METHODS
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_contract(name):
+    m = get_method(name)
+    assert m.name == name and isinstance(m.modality, str) and m.modality
+    cfg = compose([f"method={name}"])
+    stages = m.stages(cfg)
+    assert stages and all(isinstance(s, str) for s in stages)
+    for attr in ("build_data", "build_model", "loss_step", "predict"):
+        assert callable(getattr(m, attr)), attr
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_yaml_composes_with_and_without_ci_overrides(name):
+    cfg = compose([f"method={name}"])
+    assert cfg["method"]["name"] == name
+    small = compose([f"method={name}", *ci_overrides(name)])
+    assert small["method"]["name"] == name
+    assert ci_overrides(name), "ci_overrides must shrink the run for tests"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_tune_space_declared_and_valid(name):
+    cfg = compose([f"method={name}"])
+    validate_space(cfg["method"]["tune"]["space"], cfg)
+    assert cfg["method"]["tune"]["metric"]
+
+
+def _uncommented_knobs(path):
+    bad = []
+    for i, line in enumerate(open(path), 1):
+        s = line.rstrip("\n")
+        if not s.strip() or s.lstrip().startswith("#") or s.lstrip().startswith("- "):
+            continue
+        if re.match(r"^\s*[\w.]+\s*:", s) and "#" not in s:
+            # a mapping key whose value is a nested block must be commented too, except 'defaults'
+            if s.strip() != "defaults:":
+                bad.append(f"{os.path.basename(path)}:{i}: {s.strip()}")
+    return bad
+
+
+def test_every_config_knob_has_a_comment():
+    bad = []
+    for root, _, files in os.walk(CONF_DIR):
+        for f in files:
+            if f.endswith(".yaml"):
+                bad += _uncommented_knobs(os.path.join(root, f))
+    assert not bad, "uncommented knobs:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("group", ["data", "trainer", "tune", "serve"])
+def test_every_group_option_composes(group):
+    for opt in group_options(CONF_DIR, group):
+        cfg = compose([f"{group}={opt}"])
+        assert group in cfg
+
+
+def test_space_validation_errors():
+    cfg = compose([])
+    with pytest.raises(ConfigError, match="not a config key"):
+        validate_space({"method.nope": {"type": "uniform", "low": 0, "high": 1}}, cfg)
+    with pytest.raises(ConfigError, match="low < high"):
+        validate_space({"method.tau": {"type": "uniform", "low": 1, "high": 0}}, cfg)
+    with pytest.raises(ConfigError, match="type must be"):
+        validate_space({"method.tau": {"type": "gaussian", "low": 0, "high": 1}}, cfg)
+    with pytest.raises(ConfigError, match="loguniform needs low > 0"):
+        validate_space({"trainer.lr": {"type": "loguniform", "low": 0, "high": 1}}, cfg)
+    with pytest.raises(ConfigError, match="unknown"):
+        validate_space({"method.tau": {"type": "uniform", "low": 0, "high": 1, "hgih": 2}}, cfg)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "experiments", "run.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["method=nope"], r"unknown method 'nope'; valid choices: .*f2c"),
+    (["trainer.nope=1"], r"bad override: Could not override 'trainer.nope'.*top-level keys"),
+    (["trainer.epochs=abc"], r"trainer.epochs must be a positive integer"),
+    (["mode=dance"], r"unknown mode 'dance'; valid choices: train, eval, tune, serve"),
+    (["tune=nope"], r"unknown tune 'nope'; valid choices: default"),
+    (["overrides_file=/nonexistent.yaml"], r"cannot read overrides_file"),
+])
+def test_entry_point_bad_input_is_one_line_exit_2(args, pattern):
+    r = _run(*args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), r.stderr
