@@ -82,7 +82,9 @@ def ray_head():
 
     temp_dir = tempfile.mkdtemp(prefix="tlr", dir="/tmp")
     port, dash, agent = free_port(), free_port(), free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    # PATH starts with this interpreter's bin so `python` in a submitted job's entrypoint is ours
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
     cmd = [os.path.join(BIN, "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={free_port()}",
