@@ -4,7 +4,7 @@ Driver-function pattern (Train v2): each trial is a function that applies its sa
 to the base config and runs the method's stages through ``fit_stage``; the last stage reports
 to Tune through ``TuneReportCallback`` once per epoch, so ASHA rungs are epochs. Search:
 OptunaSearch (TPE, seeded) by default, or random / grid; scheduler ASHA or FIFO. Trials get
-fractional CPUs so several fit on a 2-CPU machine (the trial's driver function itself takes none).
+fractional CPUs so several fit on a 2-CPU machine (the trial's driver function takes 0.01 CPU).
 
 The sweep folder ``<run.root>/<run.name>/`` holds Tune's experiment (CSV/JSON/TensorBoard logs
 per trial), ``results.csv``, ``best_overrides.yaml`` (Hydra override strings: rerun the best
@@ -176,7 +176,7 @@ def sweep(cfg: dict) -> dict:
 
     storage_path, fs = storage_for(cfg, sweep_dir)
     trainable = tune.with_resources(tune.with_parameters(_trial, base_cfg=cfg, data=data, sweep_dir=sweep_dir),
-                                    {"cpu": 0})
+                                    {"cpu": 0.01})  # the trial driver only waits on its TorchTrainer
     exp_path = os.path.join(storage_path, "sweep") if fs is None else f"{storage_path}/sweep"
     if tc.get("resume") and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         print(f"[trustlab] resuming sweep from {exp_path}", flush=True)

@@ -7,7 +7,6 @@ An undecodable or empty upload gets a 400 JSON error and the replica stays up. T
 (``model.pt``, local or s3://) carries its resolved config, so nothing else is needed to
 rebuild the model.
 """
-from __future__ import annotations
 
 import io
 import os
@@ -38,7 +37,7 @@ def decode_image(data: bytes):
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, health_check_period_s=10)
 @serve.ingress(api)
 class Detector:
-    def __init__(self, checkpoint: str, s3_endpoint: str | None = None, max_body_mb: float = 20.0):
+    def __init__(self, checkpoint: str, s3_endpoint=None, max_body_mb: float = 20.0):
         import torch
 
         from trustlab.platform.checkpoints import load_state
