@@ -1,0 +1,565 @@
+"""Video data plane: manifest -> Ray Data stream of face-crop clips.
+
+Pipeline per split (``clip_datasets``)::
+
+    read_binary_files(paths, include_paths=True, filesystem=<local | pyarrow S3 with endpoint>)
+      -> map_batches(ClipMaker, compute=ActorPoolStrategy(...))   # decode + faces + clips
+
+``ClipMaker`` (a stateful UDF; its decord readers and the Haar detector are created inside the
+actor, never before fork) opens each video from its bytes with
+``decord.VideoReader(io.BytesIO(b))``, decodes only the sampled frames with ``get_batch``,
+finds and smooths the face boxes (``faces.track_clip``) and emits one row per clip:
+
+====================  ==============================================================
+``x``                 uint8 (T, 3, size, size) face-crop clip, RGB
+``y``                 int64 label, 1 = fake
+``vid``               int64 stable video id = row index of the video in the manifest
+``clip``              int64 clip index within the video (0..K-1)
+``frames``            int64 (T,) decoded frame numbers
+``n_fallback``        int64 frames of this clip whose box is a fallback (counted, not dropped)
+``video_id``, ``manipulation``, ``source``, ``split``  strings from the manifest
+====================  ==============================================================
+
+Sampling (``sample_indices``): ``frames_per_video`` = N frames are decoded per video, as
+K = N // T clips of T = ``clip_len`` frames spaced ``stride`` frames apart. The video's valid
+clip starts are cut into K equal segments; val/test take the centre of each segment
+(deterministic), train a uniformly random start inside it (a fresh draw every epoch, since every
+pass over a Ray dataset re-executes it; ``seed`` only fixes val/test). With T = 1 this is the
+field's "N uniform frames per video"; N = 32 is the common choice, the CPU defaults use 16.
+
+Bad files: zero-byte, truncated, corrupt and non-video files are skipped and counted; ``uri``
+and reason go to a ``BadFileReport``. With Ray, the report is a small named actor
+(``trustlab-video-report-<uuid>`` in namespace ``trustlab``) that every ``ClipMaker`` calls; the
+driver reads it after (or during) iteration with ``report.bad_files()`` / ``report.summary()``.
+Files listed in the manifest but missing from storage are reported before the stream starts.
+A pass over a split reports each bad file again; the report keeps one entry per (split, uri)
+with a count. Face fallbacks are summed in the same report (``report.stats()``).
+
+Optional crop cache (``cache``: a local folder or ``s3://`` prefix): the first call writes each
+split's clips as Parquet shards under ``<cache>/<key>/<split>/`` (``key`` hashes the manifest
+and the sampling/crop knobs) plus ``bad_files.json``; later calls read the shards instead of
+decoding. Cached train clips keep the offsets of the pass that wrote them.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import uuid
+
+import numpy as np
+import pandas as pd
+
+from trustlab.platform import storage
+from trustlab.platform.data.faces import ClipStats, FaceDetector, track_clip
+
+DEFAULTS = {
+    "name": "synth_video",       # synth_video | ffpp | celebdf | dfdc | manifest
+    "manifest": None,            # manifest CSV/Parquet (local or s3://); null = build from name/root
+    "root": "outputs/.data/video",  # dataset root (adapters) or cache folder of the synthetic set
+    "store": "local",            # local | s3: where the synthetic set's videos are read from
+    "bucket": "trustlab-video",  # bucket for store=s3 (the local moto server's, unless s3_endpoint is set)
+    "prefix": "synth",           # key prefix inside the bucket for store=s3
+    "s3_endpoint": None,         # S3 endpoint URL; null = AWS / $AWS_ENDPOINT_URL (store=s3 + null starts moto)
+    "frames_per_video": 16,      # N frames decoded per video (field: 32)
+    "clip_len": 8,               # T frames per clip (K = N // T clips per video)
+    "stride": 1,                 # frame step inside a clip
+    "size": 64,                  # crop side in pixels
+    "face_scale": 1.3,           # face box enlargement
+    "smooth": 5,                 # moving-average window (frames) of the box over a clip; 1 = off
+    "detect_width": 640,         # frames wider than this are downscaled for detection
+    "min_neighbors": 5,          # Haar cascade minNeighbors
+    "cache": None,               # Parquet crop cache (local folder or s3://); null = decode every epoch
+    "num_decoders": 2,           # max actors decoding in parallel (ActorPoolStrategy max_size)
+    "decode_cpus": 0.5,          # CPUs reserved per decoding actor
+    "files_per_batch": 2,        # videos per map_batches call
+    "keep_manipulations": {},    # {split: [types]}: fakes of other types are left out of that split
+    "adapter": {},               # extra keyword arguments of the dataset adapter
+    "synth": {                   # the synthetic set (name=synth_video)
+        "n_videos_per_class": 40, "manipulations": ["blend", "warp", "color", "texture"],
+        "n_frames": 40, "frame_size": 96, "strength": 1.0,
+    },
+}
+
+
+def video_data_config(data_cfg: dict | None) -> dict:
+    """``DEFAULTS`` updated (one level deep for dicts) with ``data_cfg``."""
+    out = copy.deepcopy(DEFAULTS)
+    for k, v in (data_cfg or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- sampling + decode
+def sample_indices(n_total: int, n: int, clip_len: int = 1, stride: int = 1, train: bool = False,
+                   rng: np.random.Generator | None = None) -> np.ndarray:
+    """Frame numbers to decode, as K = max(1, n // clip_len) clips of ``clip_len`` frames
+    ``stride`` apart, flattened clip by clip (length K * clip_len). Clip starts: centre of each of
+    K equal segments of the valid starts (eval) or uniform inside each segment (``train``).
+    Frames past the end of a short video repeat its last frame."""
+    n_total, n, t, s = int(n_total), int(n), max(1, int(clip_len)), max(1, int(stride))
+    if n_total <= 0:
+        raise ValueError("video has no frames")
+    k = max(1, n // t)
+    span = (t - 1) * s + 1
+    n_starts = max(1, n_total - span + 1)
+    edges = np.linspace(0, n_starts, k + 1)
+    lo = np.floor(edges[:-1]).astype(np.int64)
+    hi = np.maximum(lo + 1, np.floor(edges[1:]).astype(np.int64))
+    if train:
+        rng = rng or np.random.default_rng()
+        starts = rng.integers(lo, hi)
+    else:
+        starts = (lo + hi - 1) // 2
+    idx = starts[:, None] + np.arange(t)[None, :] * s
+    return np.minimum(idx, n_total - 1).reshape(-1)
+
+
+def open_video(video_bytes: bytes, width: int = -1, height: int = -1):
+    """A decord ``VideoReader`` over in-memory bytes (raises ``ValueError`` for empty input)."""
+    import decord
+
+    if video_bytes is None or len(video_bytes) == 0:
+        raise ValueError("zero-byte file")
+    return decord.VideoReader(io.BytesIO(video_bytes), ctx=decord.cpu(0), width=width, height=height, num_threads=1)
+
+
+def decode_sampled(video_bytes: bytes, indices, width: int = -1, height: int = -1) -> np.ndarray:
+    """Decode only the frames ``indices`` of a video given as bytes: (len(indices), H, W, 3) RGB."""
+    vr = open_video(video_bytes, width, height)
+    return _get_frames(vr, indices)
+
+
+def _get_frames(vr, indices) -> np.ndarray:
+    idx = np.asarray(indices, np.int64)
+    uniq, inv = np.unique(idx, return_inverse=True)
+    frames = vr.get_batch(uniq.tolist()).asnumpy()
+    if frames.shape[0] != len(uniq) or frames.ndim != 4:
+        raise ValueError(f"decoder returned {frames.shape[0]} of {len(uniq)} frames")
+    return frames[inv]
+
+
+def video_clips(video_bytes: bytes, cfg: dict, detector: FaceDetector, train: bool = False,
+                rng: np.random.Generator | None = None):
+    """Clips of one video: ``(crops (K, T, S, S, 3) uint8, frame numbers (K, T), stats,
+    fallback frames per clip (K,))``; raises on a bad file."""
+    vr = open_video(video_bytes)
+    n_total = len(vr)
+    if n_total <= 0:
+        raise ValueError("no video frames")
+    t = max(1, int(cfg["clip_len"]))
+    idx = sample_indices(n_total, int(cfg["frames_per_video"]), t, int(cfg["stride"]), train, rng)
+    frames = _get_frames(vr, idx)
+    k = len(idx) // t
+    size = int(cfg["size"])
+    out = np.empty((k, t, size, size, 3), np.uint8)
+    stats = ClipStats()
+    fallbacks = np.zeros(k, np.int64)
+    for j in range(k):
+        crops, _, st = track_clip(frames[j * t : (j + 1) * t], detector, size, float(cfg["face_scale"]),
+                                  int(cfg["smooth"]))
+        out[j] = crops
+        stats.add(st)
+        fallbacks[j] = st.fallback
+    return out, idx.reshape(k, t), stats, fallbacks
+
+
+def classify_error(e: BaseException, nbytes: int) -> str:
+    """A short reason for a failed video."""
+    if nbytes == 0:
+        return "zero-byte file"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{type(e).__name__}: {msg[:200]}"
+
+
+# ----------------------------------------------------------------------------- bad-file report
+class _LocalReport:
+    """In-process store with the collector actor's interface (no Ray)."""
+
+    def __init__(self):
+        self.bad: dict = {}
+        self.stats: dict = {}
+
+    def add_bad(self, split: str, uri: str, reason: str) -> None:
+        e = self.bad.setdefault((split, uri), {"split": split, "uri": uri, "reason": reason, "count": 0})
+        e["count"] += 1
+
+    def add_stats(self, split: str, stats: dict) -> None:
+        s = self.stats.setdefault(split, {})
+        for k, v in stats.items():
+            s[k] = s.get(k, 0) + int(v)
+
+    def get(self) -> dict:
+        return {"bad": list(self.bad.values()), "stats": copy.deepcopy(self.stats)}
+
+    def reset(self) -> None:
+        self.bad.clear()
+        self.stats.clear()
+
+
+class BadFileReport:
+    """Bad files (uri, split, reason, count) and frame/face counts of a run.
+
+    With Ray (``ray.is_initialized()``) it owns a named actor the decoding UDFs write to; the
+    driver reads it with ``bad_files()``, ``stats()``, ``summary()``. Without Ray it is an
+    in-process store (``iter_clips`` uses it). Keep the object alive while datasets stream."""
+
+    NAMESPACE = "trustlab"
+
+    def __init__(self, use_ray: bool | None = None):
+        import ray
+
+        self.use_ray = ray.is_initialized() if use_ray is None else use_ray
+        if self.use_ray:
+            self.name = f"trustlab-video-report-{uuid.uuid4().hex[:12]}"
+            cls = ray.remote(num_cpus=0)(_LocalReport)
+            self.actor = cls.options(name=self.name, namespace=self.NAMESPACE, lifetime=None).remote()
+            self.local = None
+        else:
+            self.name, self.actor, self.local = None, None, _LocalReport()
+
+    # sink for writers (UDF actors get ``sink()``)
+    def sink(self):
+        return self.actor if self.use_ray else self.local
+
+    def _get(self) -> dict:
+        import ray
+
+        return ray.get(self.actor.get.remote()) if self.use_ray else self.local.get()
+
+    def add_bad(self, split: str, uri: str, reason: str) -> None:
+        import ray
+
+        if self.use_ray:
+            ray.get(self.actor.add_bad.remote(split, uri, reason))
+        else:
+            self.local.add_bad(split, uri, reason)
+
+    def bad_files(self, split: str | None = None) -> list[dict]:
+        bad = [b for b in self._get()["bad"] if split is None or b["split"] == split]
+        return sorted(bad, key=lambda b: (b["split"], b["uri"]))
+
+    def bad_uris(self, split: str | None = None) -> list[str]:
+        return sorted({b["uri"] for b in self.bad_files(split)})
+
+    def stats(self, split: str | None = None) -> dict:
+        st = self._get()["stats"]
+        if split is not None:
+            return st.get(split, {})
+        tot: dict = {}
+        for s in st.values():
+            for k, v in s.items():
+                tot[k] = tot.get(k, 0) + v
+        return tot
+
+    def summary(self) -> str:
+        got = self._get()
+        lines = []
+        for split, s in sorted(got["stats"].items()):
+            frames = max(1, s.get("frames", 0))
+            lines.append(f"[video data] {split}: {s.get('videos', 0)} videos, {s.get('clips', 0)} clips, "
+                         f"{s.get('frames', 0)} frames; face found in {s.get('detected', 0)} "
+                         f"({100.0 * s.get('detected', 0) / frames:.1f}%), fallback to previous box "
+                         f"{s.get('fallback_prev', 0)}, centre crop {s.get('fallback_centre', 0)}; "
+                         f"bad files {s.get('bad', 0)}")
+        bad = sorted(got["bad"], key=lambda b: (b["split"], b["uri"]))
+        lines.append(f"[video data] bad files: {len({(b['split'], b['uri']) for b in bad})}")
+        for b in bad:
+            lines.append(f"  {b['split']}: {b['uri']} — {b['reason']}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        if self.use_ray and self.actor is not None:
+            import ray
+
+            ray.kill(self.actor)
+            self.actor = None
+
+
+# ----------------------------------------------------------------------------- the UDF
+_OUT_STR = ("video_id", "manipulation", "source", "split")
+TENSOR_COLUMNS = ["x", "y", "vid", "clip", "frames", "n_fallback"]
+
+
+def tensor_columns(ds):
+    """The numeric columns only: ``iter_torch_batches`` cannot convert the string columns."""
+    return ds.select_columns(TENSOR_COLUMNS)
+
+
+def _empty_batch(t: int, size: int) -> dict:
+    out = {"x": np.zeros((0, t, 3, size, size), np.uint8), "y": np.zeros(0, np.int64),
+           "vid": np.zeros(0, np.int64), "clip": np.zeros(0, np.int64), "frames": np.zeros((0, t), np.int64),
+           "n_fallback": np.zeros(0, np.int64)}
+    for k in _OUT_STR:
+        out[k] = np.zeros(0, dtype=object)
+    return out
+
+
+class ClipMaker:
+    """Ray Data UDF: ``{"path", "bytes"}`` batch -> clip rows (see module docstring).
+
+    ``meta``: ``{path key: {uri, vid, label, video_id, manipulation, source, split}}``;
+    ``sink``: a report actor handle (or a ``_LocalReport``) receiving bad files and counts."""
+
+    def __init__(self, meta: dict, cfg: dict, train: bool, seed: int, sink=None):
+        self.meta, self.cfg, self.train, self.seed, self.sink = meta, cfg, bool(train), int(seed), sink
+        self.detector = FaceDetector(detect_width=int(cfg["detect_width"]), min_neighbors=int(cfg["min_neighbors"]))
+        # train: fresh entropy per actor (a new actor pool runs each epoch) -> new offsets per epoch
+        self.rng = np.random.default_rng() if self.train else None
+
+    def _send(self, method: str, *args) -> None:
+        if self.sink is None:
+            return
+        fn = getattr(self.sink, method)
+        if hasattr(fn, "remote"):
+            import ray
+
+            ray.get(fn.remote(*args))
+        else:
+            fn(*args)
+
+    def __call__(self, batch: dict) -> dict:
+        cfg = self.cfg
+        t, size = max(1, int(cfg["clip_len"])), int(cfg["size"])
+        rows: dict[str, list] = {k: [] for k in _empty_batch(t, size)}
+        stats, n_ok, n_bad, split = ClipStats(), 0, 0, None
+        for path, data in zip(batch["path"], batch["bytes"]):
+            m = self.meta.get(_key(str(path)))
+            if m is None:
+                raise KeyError(f"{path} is not in the manifest")
+            split = m["split"]
+            data = bytes(data) if data is not None else b""
+            try:
+                rng = self.rng if self.train else None
+                crops, frames, st, fb = video_clips(data, cfg, self.detector, self.train, rng)
+            except Exception as e:  # noqa: BLE001 - any decoder failure marks the file bad
+                n_bad += 1
+                self._send("add_bad", split, m["uri"], classify_error(e, len(data)))
+                continue
+            n_ok += 1
+            stats.add(st)
+            for j in range(crops.shape[0]):
+                rows["x"].append(crops[j].transpose(0, 3, 1, 2))
+                rows["y"].append(m["label"])
+                rows["vid"].append(m["vid"])
+                rows["clip"].append(j)
+                rows["frames"].append(frames[j])
+                rows["n_fallback"].append(int(fb[j]))
+                for k in _OUT_STR:
+                    rows[k].append(m[k])
+        if split is not None:
+            d = stats.as_dict()
+            d.update(videos=n_ok, bad=n_bad, clips=len(rows["y"]))
+            self._send("add_stats", split, d)
+        if not rows["y"]:
+            return _empty_batch(t, size)
+        out = {"x": np.stack(rows["x"]).astype(np.uint8), "y": np.asarray(rows["y"], np.int64),
+               "vid": np.asarray(rows["vid"], np.int64), "clip": np.asarray(rows["clip"], np.int64),
+               "frames": np.stack(rows["frames"]).astype(np.int64),
+               "n_fallback": np.asarray(rows["n_fallback"], np.int64)}
+        for k in _OUT_STR:
+            out[k] = np.asarray(rows[k], dtype=object)
+        return out
+
+
+def _key(path: str) -> str:
+    """Normalised lookup key of a file: ``bucket/key`` for S3, absolute path for local files."""
+    p = str(path)
+    if p.startswith("s3://"):
+        return p[5:].lstrip("/")
+    if p.startswith("local://"):
+        p = p[len("local://"):]
+    return os.path.normpath(p).lstrip("/")
+
+
+# ----------------------------------------------------------------------------- manifests
+def resolve_manifest(cfg: dict, seed: int = 0, s3_endpoint: str | None = None) -> tuple[pd.DataFrame, str | None, object]:
+    """The manifest of a data config as a DataFrame, the S3 endpoint to read it with, and the
+    local S3 server started for ``store=s3`` (or None; keep it alive while streaming)."""
+    from trustlab.platform.data import manifests
+
+    endpoint = s3_endpoint or cfg.get("s3_endpoint")
+    server = None
+    if cfg.get("manifest"):
+        return manifests.read_manifest(cfg["manifest"], endpoint), endpoint, None
+    name = cfg.get("name", "synth_video")
+    if name == "synth_video":
+        from trustlab.platform.data.synth_video import build_synth_video_manifest
+
+        s = cfg["synth"]
+        man = build_synth_video_manifest(cfg["root"], seed=int(seed), n_videos_per_class=int(s["n_videos_per_class"]),
+                                         manipulations=list(s["manipulations"]), n_frames=int(s["n_frames"]),
+                                         size=int(s["frame_size"]), strength=float(s.get("strength", 1.0)))
+        if cfg.get("store", "local") == "s3":
+            from trustlab.platform.data import s3local
+
+            if not endpoint:
+                server = s3local.LocalS3().start()
+                endpoint = server.endpoint
+            prefix = f"{cfg.get('prefix', 'synth')}/{os.path.basename(os.path.dirname(man))}"
+            man = s3local.upload_manifest(man, endpoint, cfg["bucket"], prefix)
+        return manifests.read_manifest(man, endpoint), endpoint, server
+    if name in manifests.ADAPTERS:
+        if not cfg.get("root"):
+            raise ValueError(f"data.root must name the {name} dataset folder (local or s3://)")
+        df = manifests.ADAPTERS[name](cfg["root"], endpoint=endpoint, **(cfg.get("adapter") or {}))
+        return df, endpoint, None
+    raise ValueError(f"unknown video data name {name!r}; choose synth_video, {', '.join(manifests.ADAPTERS)} "
+                     "or set data.manifest")
+
+
+def split_frame(df: pd.DataFrame, split: str, cfg: dict) -> pd.DataFrame:
+    """Rows of one split (``vid`` = manifest row index), with ``keep_manipulations`` applied."""
+    d = df.assign(vid=np.arange(len(df), dtype=np.int64))
+    d = d[d["split"] == split]
+    keep = (cfg.get("keep_manipulations") or {}).get(split)
+    if keep:
+        d = d[(d["label"] == 0) | d["manipulation"].isin(list(keep))]
+    return d
+
+
+def _meta(d: pd.DataFrame) -> dict:
+    return {_key(u): {"uri": u, "vid": int(v), "label": int(y), "video_id": str(i), "manipulation": str(m),
+                      "source": str(s), "split": str(sp)}
+            for u, v, y, i, m, s, sp in zip(d["uri"], d["vid"], d["label"], d["video_id"], d["manipulation"],
+                                             d["source"], d["split"])}
+
+
+def _existing(uris: list[str], endpoint: str | None) -> tuple[list[str], list[str]]:
+    """(present, missing) of a list of local or s3:// URIs."""
+    import pyarrow.fs as pafs
+
+    s3 = [u for u in uris if storage.is_s3(u)]
+    present, missing = [], []
+    for u in uris:
+        if not storage.is_s3(u):
+            (present if os.path.isfile(u) else missing).append(u)
+    if s3:
+        fs = storage.s3_filesystem(endpoint)
+        infos = fs.get_file_info([u[5:] for u in s3])
+        for u, fi in zip(s3, infos):
+            (present if fi.type == pafs.FileType.File else missing).append(u)
+    return present, missing
+
+
+def cache_key(df: pd.DataFrame, cfg: dict, seed: int) -> str:
+    keep = {k: cfg[k] for k in ("frames_per_video", "clip_len", "stride", "size", "face_scale", "smooth",
+                                "detect_width", "min_neighbors", "keep_manipulations")}
+    h = hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode())
+    h.update(pd.util.hash_pandas_object(df[["uri", "label", "split"]], index=False).values.tobytes())
+    h.update(str(int(seed)).encode())
+    return h.hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- Ray Data
+def clip_datasets(data_cfg: dict, splits=("train", "val", "test"), seed: int = 0, s3_endpoint: str | None = None):
+    """``({split: ray.data.Dataset of clip rows}, BadFileReport)`` for a video data config.
+
+    Nothing is decoded here (unless ``cache`` is set and not yet written): each dataset streams
+    when iterated, e.g. by ``ray.train.get_dataset_shard(split).iter_torch_batches``."""
+    import ray
+
+    from trustlab.platform.runtime import init_ray
+
+    if not ray.is_initialized():
+        init_ray()
+    cfg = video_data_config(data_cfg)
+    df, endpoint, server = resolve_manifest(cfg, seed, s3_endpoint)
+    report = BadFileReport(use_ray=True)
+    report._server = server  # keep a local S3 server alive as long as the report
+    out = {}
+    for split in splits:
+        d = split_frame(df, split, cfg)
+        present, missing = _existing(list(d["uri"]), endpoint)
+        for u in missing:
+            report.add_bad(split, u, "missing file")
+        if missing:
+            d = d[d["uri"].isin(set(present))]
+        if cfg.get("cache"):
+            out[split] = _cached_split(d, split, cfg, seed, endpoint, report, cache_key(df, cfg, seed))
+        else:
+            out[split] = _split_dataset(d, split, cfg, seed, endpoint, report)
+    return out, report
+
+
+def _split_dataset(d: pd.DataFrame, split: str, cfg: dict, seed: int, endpoint: str | None, report: BadFileReport):
+    import ray
+
+    t, size = max(1, int(cfg["clip_len"])), int(cfg["size"])
+    if len(d) == 0:
+        return ray.data.from_items([{"_": 0}]).map_batches(lambda b: _empty_batch(t, size), batch_format="numpy")
+    uris = list(d["uri"])
+    fs = None
+    if any(storage.is_s3(u) for u in uris):
+        if not all(storage.is_s3(u) for u in uris):
+            raise ValueError("a split mixes local and s3:// files")
+        fs = storage.s3_filesystem(endpoint)
+        paths = [u[5:] for u in uris]
+    else:
+        paths = [os.path.abspath(u) for u in uris]
+    train = split == "train"
+    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs,
+                                    shuffle="files" if train else None,
+                                    override_num_blocks=len(paths))
+    n_act = max(1, int(cfg["num_decoders"]))
+    return ds.map_batches(
+        ClipMaker,
+        fn_constructor_kwargs=dict(meta=_meta(d), cfg=cfg, train=train, seed=seed, sink=report.sink()),
+        batch_size=max(1, int(cfg["files_per_batch"])),
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_act),
+        num_cpus=float(cfg["decode_cpus"]),
+    )
+
+
+def _cached_split(d, split, cfg, seed, endpoint, report, key):
+    """Read the split's Parquet crop shards, writing them first when absent."""
+    import pyarrow.fs as pafs
+    import ray
+
+    base = storage.is_s3(cfg["cache"]) and cfg["cache"].rstrip("/") or os.path.abspath(cfg["cache"])
+    uri = f"{base}/{key}/{split}"
+    fs, path = storage.resolve(uri, endpoint)
+    lfs = fs or pafs.LocalFileSystem()
+    done = f"{path}/_SUCCESS.json"
+    if lfs.get_file_info(done).type != pafs.FileType.File:
+        before = {(b["uri"]) for b in report.bad_files(split)}
+        ds = _split_dataset(d, split, cfg, seed, endpoint, report)
+        ds.write_parquet(path, filesystem=fs)
+        bad = [b for b in report.bad_files(split) if b["uri"] not in before]
+        storage.write_bytes(f"{uri}/_SUCCESS.json", json.dumps({"bad": bad, "stats": report.stats(split)}).encode(),
+                            endpoint)
+    else:
+        info = json.loads(storage.read_bytes(f"{uri}/_SUCCESS.json", endpoint))
+        for b in info["bad"]:
+            report.add_bad(split, b["uri"], b["reason"] + " (cached)")
+    return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
+
+
+# ----------------------------------------------------------------------------- without Ray
+def iter_clips(data_cfg: dict, split: str = "test", seed: int = 0, s3_endpoint: str | None = None,
+               report: BadFileReport | None = None, manifest: pd.DataFrame | None = None):
+    """The same clip rows in this process, one video at a time (tests, benchmarks, debugging);
+    yields batches like ``ClipMaker`` returns. ``report`` (default: a new in-process one) collects
+    bad files and counts."""
+    cfg = video_data_config(data_cfg)
+    if manifest is None:
+        manifest, endpoint, _ = resolve_manifest(cfg, seed, s3_endpoint)
+    else:
+        endpoint = s3_endpoint or cfg.get("s3_endpoint")
+    report = report or BadFileReport(use_ray=False)
+    d = split_frame(manifest, split, cfg)
+    maker = ClipMaker(_meta(d), cfg, split == "train", seed, report.sink())
+    for u in d["uri"]:
+        try:
+            data = storage.read_bytes(u, endpoint)
+        except (FileNotFoundError, OSError) as e:
+            report.add_bad(split, u, f"missing file ({type(e).__name__})")
+            continue
+        yield maker({"path": np.asarray([_key(u)], dtype=object), "bytes": np.asarray([data], dtype=object)})
