@@ -126,3 +126,29 @@ def test_entry_point_bad_input_is_one_line_exit_2(args, pattern):
     assert "Traceback" not in r.stderr
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and re.search(pattern, lines[0]), r.stderr
+
+
+def test_bad_space_in_a_method_yaml_fails_at_load(tmp_path):
+    import shutil
+
+    from trustlab.platform.config import compose as raw_compose
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    y = conf / "method" / "f2c.yaml"
+    y.write_text(y.read_text().replace("method.tau: {type: uniform, low: 0.0, high: 0.5}",
+                                       "method.tau: {type: uniform, low: 0.6, high: 0.5}"))
+    with pytest.raises(ConfigError, match=r"tune.space\['method.tau'\].*low < high"):
+        raw_compose(str(conf), ["method=f2c"])
+
+
+def test_overrides_file_expands_into_overrides(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "experiments"))
+    from run import expand_overrides_file
+
+    f = tmp_path / "best.yaml"
+    f.write_text("overrides:\n  - method.tau=0.23\n  - trainer.lr=0.001\n")
+    args = expand_overrides_file(["method=f2c", f"overrides_file={f}"])
+    assert args == ["method=f2c", "method.tau=0.23", "trainer.lr=0.001"]
+    cfg = compose(args)
+    assert cfg["method"]["tau"] == 0.23 and cfg["trainer"]["lr"] == 0.001

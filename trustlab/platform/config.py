@@ -82,6 +82,9 @@ def validate(cfg: dict, conf_dir: str | None = None) -> None:
             raise ConfigError(f"trainer.{k} must be a positive integer, got {t.get(k)!r}")
     if float(t["cpus_per_worker"]) <= 0:
         raise ConfigError("trainer.cpus_per_worker must be > 0")
+    from trustlab.platform.tune import validate_space
+
+    validate_space((cfg["method"].get("tune") or {}).get("space"), cfg)
 
 
 def to_yaml(cfg: dict) -> str:

@@ -219,8 +219,74 @@ def sweep(cfg: dict) -> dict:
                "sweep_dir": sweep_dir}
     from trustlab.platform.train import write_json
 
+    summary["plots"] = sweep_plots(table, list(space_spec), metric, mode, sweep_dir)
     write_json(os.path.join(sweep_dir, "sweep.json"), summary)
     print(f"[trustlab] best {metric} {best.metrics.get(metric)} with {best_cfg}\n"
           f"[trustlab] {summary['stopped_early']} of {summary['trials']} trials stopped early; "
           f"{summary['trial_epochs']} trial-epochs\n[trustlab] best overrides: {path}", flush=True)
     return summary
+
+
+def param_importance(table, params: list[str], metric: str) -> dict:
+    """Importance of each swept parameter for the metric: impurity importance of a small random
+    forest fitted on (parameter values -> metric) over the trials (choices one-hot, summed back)."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.ensemble import RandomForestRegressor
+
+    t = table.dropna(subset=[metric])
+    if len(t) < 3:
+        return {p: float("nan") for p in params}
+    cols, owner = [], []
+    for p in params:
+        v = t[p]
+        if pd.api.types.is_numeric_dtype(v):
+            cols.append(v.astype(float).to_numpy()[:, None])
+            owner.append(p)
+        else:
+            d = pd.get_dummies(v.astype(str)).to_numpy(float)
+            cols.append(d)
+            owner.extend([p] * d.shape[1])
+    X = np.concatenate(cols, axis=1)
+    rf = RandomForestRegressor(n_estimators=200, random_state=0).fit(X, t[metric].astype(float).to_numpy())
+    imp = {p: 0.0 for p in params}
+    for o, w in zip(owner, rf.feature_importances_):
+        imp[o] += float(w)
+    return imp
+
+
+def sweep_plots(table, params: list[str], metric: str, mode: str, sweep_dir: str) -> dict:
+    """optimisation_history.png (metric per trial in start order, best so far) and
+    param_importance.png; returns the paths and the importances."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    order = table.sort_values("trial_id") if "trial_id" in table else table
+    vals = order[metric].astype(float).to_numpy()
+    best = np.fmax.accumulate(vals) if mode == "max" else np.fmin.accumulate(vals)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.scatter(range(1, len(vals) + 1), vals, label="trial (stopped early: x)",
+               marker="o", c=["tab:red" if s else "tab:blue" for s in order["stopped_early"]])
+    ax.plot(range(1, len(vals) + 1), best, "k-", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.set_title("optimisation history")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    hist = os.path.join(sweep_dir, "optimisation_history.png")
+    fig.savefig(hist, dpi=100)
+    plt.close(fig)
+    imp = param_importance(table, params, metric)
+    fig, ax = plt.subplots(figsize=(5, 0.6 + 0.5 * len(imp)))
+    names = sorted(imp, key=lambda k: imp[k])
+    ax.barh(names, [imp[n] for n in names])
+    ax.set_xlabel(f"importance for {metric}")
+    ax.set_title("parameter importance (random forest)")
+    fig.tight_layout()
+    ip = os.path.join(sweep_dir, "param_importance.png")
+    fig.savefig(ip, dpi=100)
+    plt.close(fig)
+    return {"history": hist, "importance": ip, "importances": imp}
