@@ -53,10 +53,14 @@ class ClusterConfigError(ValueError):
         super().__init__(f"{what}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
 
 
+# libyaml's loader when PyYAML has it: the CRDs are megabytes of YAML
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_yaml_docs(path: str) -> list[dict]:
     """All documents of a YAML file (empty documents dropped)."""
     with open(path) as f:
-        return [d for d in yaml.safe_load_all(f) if d is not None]
+        return [d for d in yaml.load_all(f, Loader=_Loader) if d is not None]
 
 
 def _fmt(err) -> str:

@@ -736,7 +736,7 @@ class FSCILMethod(MethodBase):
                 lg = self.session_logits(model, as_float(b["x"]).to(device), 0)
                 correct += int((lg.argmax(1).cpu().numpy() == np.asarray(b["y"])).sum())
                 count += len(b["y"])
-        parts = gather((correct, count))
+        parts = gather_objects((correct, count), world)  # (the platform's gather takes (obj, world))
         acc = sum(c for c, _ in parts) / max(1, sum(n for _, n in parts))
         return {"val_acc": acc, "val_score": acc}
 

@@ -162,7 +162,9 @@ def sweep(cfg: dict) -> dict:
 
         search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=int(cfg["seed"])), metric=metric, mode=mode)
     elif search in ("random", "grid"):
-        search_alg = None
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=int(cfg["seed"]))
     else:
         raise ConfigError(f"unknown tune.search {search!r}; valid choices: optuna, random, grid")
     epochs = method.stage_epochs(cfg, method.stages(cfg)[-1])

@@ -330,29 +330,30 @@ class ClipMaker:
         rows: dict[str, list] = {k: [] for k in _empty_batch(t, size)}
         stats, n_ok, n_bad, split = ClipStats(), 0, 0, None
         for path, data in zip(batch["path"], batch["bytes"]):
-            m = self.meta.get(_key(str(path)))
-            if m is None:
+            metas = self.meta.get(_key(str(path)))
+            if not metas:
                 raise KeyError(f"{path} is not in the manifest")
-            split = m["split"]
+            split = metas[0]["split"]
             data = bytes(data) if data is not None else b""
             try:
                 rng = self.rng if self.train else None
                 crops, frames, st, fb = video_clips(data, cfg, self.detector, self.train, rng)
             except Exception as e:  # noqa: BLE001 - any decoder failure marks the file bad
-                n_bad += 1
-                self._send("add_bad", split, m["uri"], classify_error(e, len(data)))
+                n_bad += len(metas)
+                self._send("add_bad", split, metas[0]["uri"], classify_error(e, len(data)))
                 continue
-            n_ok += 1
-            stats.add(st)
-            for j in range(crops.shape[0]):
-                rows["x"].append(crops[j].transpose(0, 3, 1, 2))
-                rows["y"].append(m["label"])
-                rows["vid"].append(m["vid"])
-                rows["clip"].append(j)
-                rows["frames"].append(frames[j])
-                rows["n_fallback"].append(int(fb[j]))
-                for k in _OUT_STR:
-                    rows[k].append(m[k])
+            for m in metas:
+                n_ok += 1
+                stats.add(st)
+                for j in range(crops.shape[0]):
+                    rows["x"].append(crops[j].transpose(0, 3, 1, 2))
+                    rows["y"].append(m["label"])
+                    rows["vid"].append(m["vid"])
+                    rows["clip"].append(j)
+                    rows["frames"].append(frames[j])
+                    rows["n_fallback"].append(int(fb[j]))
+                    for k in _OUT_STR:
+                        rows[k].append(m[k])
         if split is not None:
             d = stats.as_dict()
             d.update(videos=n_ok, bad=n_bad, clips=len(rows["y"]))
@@ -425,10 +426,13 @@ def split_frame(df: pd.DataFrame, split: str, cfg: dict) -> pd.DataFrame:
 
 
 def _meta(d: pd.DataFrame) -> dict:
-    return {_key(u): {"uri": u, "vid": int(v), "label": int(y), "video_id": str(i), "manipulation": str(m),
-                      "source": str(s), "split": str(sp)}
-            for u, v, y, i, m, s, sp in zip(d["uri"], d["vid"], d["label"], d["video_id"], d["manipulation"],
-                                             d["source"], d["split"])}
+    """``{file key: [row, ...]}`` (a file listed twice in a split yields clips for both rows)."""
+    out: dict = {}
+    for u, v, y, i, m, s, sp in zip(d["uri"], d["vid"], d["label"], d["video_id"], d["manipulation"],
+                                     d["source"], d["split"]):
+        out.setdefault(_key(u), []).append({"uri": u, "vid": int(v), "label": int(y), "video_id": str(i),
+                                            "manipulation": str(m), "source": str(s), "split": str(sp)})
+    return out
 
 
 def _existing(uris: list[str], endpoint: str | None) -> tuple[list[str], list[str]]:
@@ -494,7 +498,7 @@ def _split_dataset(d: pd.DataFrame, split: str, cfg: dict, seed: int, endpoint: 
     t, size = max(1, int(cfg["clip_len"])), int(cfg["size"])
     if len(d) == 0:
         return ray.data.from_items([{"_": 0}]).map_batches(lambda b: _empty_batch(t, size), batch_format="numpy")
-    uris = list(d["uri"])
+    uris = list(dict.fromkeys(d["uri"]))  # each file read once, even if listed twice
     fs = None
     if any(storage.is_s3(u) for u in uris):
         if not all(storage.is_s3(u) for u in uris):
@@ -556,7 +560,7 @@ def iter_clips(data_cfg: dict, split: str = "test", seed: int = 0, s3_endpoint: 
     report = report or BadFileReport(use_ray=False)
     d = split_frame(manifest, split, cfg)
     maker = ClipMaker(_meta(d), cfg, split == "train", seed, report.sink())
-    for u in d["uri"]:
+    for u in dict.fromkeys(d["uri"]):
         try:
             data = storage.read_bytes(u, endpoint)
         except (FileNotFoundError, OSError) as e:
