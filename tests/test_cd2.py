@@ -1,0 +1,108 @@
+"""CD²: DDM lowers its feature-matching loss, DCM is zero for equal heads (and only then), the
+adaptive alpha, and the whole method beating fine-tuning on digits in-process (no Ray)."""
+import copy
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose
+from trustlab.methods.cd2 import Head, adaptive_alpha, dcm_loss, ddm_matching_loss, ddm_synthesize
+from trustlab.platform import fscil
+from trustlab.platform.registry import get_method
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is fastest and avoids oversubscribing a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _digits_by_class():
+    from trustlab.platform.data.digits_fscil import digits_images
+
+    x, y = digits_images()
+    return fscil.as_float(x), torch.as_tensor(y)
+
+
+@pytest.mark.parametrize("init", ["noise", "real"])
+def test_ddm_reduces_its_matching_loss(init):
+    torch.manual_seed(0)
+    backbone = fscil.SmallConvNet(1, 8, width=16, depth=3)
+    x, y = _digits_by_class()
+    classes = [0, 3, 7]
+    for mod in backbone.modules():  # calibrate BatchNorm statistics on the data (a random net, not a trained one)
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.momentum = None
+    with torch.no_grad():
+        backbone.train()(x)
+        backbone.eval()
+        targets = torch.stack([backbone(x[y == c]).mean(0) for c in classes])
+    g = torch.Generator().manual_seed(0)
+    if init == "noise":
+        start = torch.rand((3, 2, 1, 8, 8), generator=g)
+    else:
+        start = torch.stack([x[y == c][:2] for c in classes])
+    imgs, hist = ddm_synthesize(backbone, targets, start, steps=100, lr=0.2)
+    with torch.no_grad():
+        before = float(ddm_matching_loss(backbone, start, targets))
+        after = float(ddm_matching_loss(backbone, imgs, targets))
+    assert hist[0] == pytest.approx(before, rel=1e-5) and hist[-1] == pytest.approx(after, rel=1e-5)
+    assert after < 0.25 * before, (before, after)
+    assert imgs.min() >= 0 and imgs.max() <= 1 and imgs.shape == start.shape
+    assert all(q.requires_grad for q in backbone.parameters())  # restored after synthesis
+    # each synthetic pair is now closer to its own class mean than to any other class's
+    with torch.no_grad():
+        f = backbone(imgs.flatten(0, 1)).view(3, 2, -1).mean(1)
+    assert torch.equal(torch.cdist(f, targets).argmin(1), torch.arange(3))
+
+
+def test_dcm_zero_when_heads_equal_positive_otherwise():
+    torch.manual_seed(0)
+    old = Head(32, 64, 16, 10)
+    z = torch.randn(12, 32)
+    out = dcm_loss(old, copy.deepcopy(old), z, n_old=6, alpha=2.0, beta=0.1)
+    assert all(float(out[k].detach()) == 0.0 for k in ("loss", "output", "relation"))
+    new = copy.deepcopy(old)
+    with torch.no_grad():
+        new.neck[0].weight.add_(0.3 * torch.randn_like(new.neck[0].weight))
+    out = dcm_loss(old, new, z, n_old=6, alpha=2.0, beta=0.1)
+    assert float(out["output"]) > 1e-4 and float(out["relation"]) > 1e-4
+    assert float(out["loss"]) == pytest.approx(0.1 * float(out["output"]) + 2.0 * float(out["relation"]), rel=1e-5)
+    out["loss"].backward()
+    assert new.neck[0].weight.grad.abs().sum() > 0 and all(q.grad is None for q in old.parameters())
+    # changing only the classifier rows of classes not yet seen leaves the constraint at zero
+    new = copy.deepcopy(old)
+    with torch.no_grad():
+        new.fc.weight[6:] += 1.0
+    assert float(dcm_loss(old, new, z, 6, 2.0, 0.1)["loss"]) == 0.0
+
+
+def test_adaptive_alpha():
+    assert adaptive_alpha(1.0, 60, 5) == pytest.approx(12 ** 0.5)
+    assert adaptive_alpha(0.5, 4, 2, adaptive=False) == 0.5
+
+
+def test_cd2_beats_finetuning_on_digits_in_process():
+    """The Done-when claim, without Ray: CD²'s last-session accuracy on digits (4 base + 3 x
+    2-way 5-shot) is >= 10 points above fine-tuning from the same base model."""
+    t0 = time.time()
+    torch.manual_seed(0)
+    cfg = compose(["method=cd2", "method.base.epochs=15", "method.ddm.steps=300"])
+    m = get_method("cd2")
+    data = m.build_data(cfg)
+    model = fscil.fit_inprocess(m, cfg, data)
+    p = m.protocol(cfg)
+    acc = fscil.session_accuracies(lambda x, s: m.session_logits(model, x, s), data["test"], p)
+    ft = fscil.finetune_baseline(m.base_encoder(model), m.base_classifier(model), data, p, 100, 1e-3, 1)
+    assert acc[0] == ft[0] > 90.0  # same base model
+    assert acc[-1] >= ft[-1] + 10.0, (acc, ft)
+    assert acc[-1] > 45.0  # 10 classes: far above chance
+    assert bool(model.memory_ready.all()) and model.memory.shape[:2] == (10, 2)
+    # the backbone stayed frozen: session heads differ, backbone is the base one
+    assert not torch.equal(model.heads[0].fc.weight, model.heads[3].fc.weight)
+    print(f"cd2 {np.round(acc, 2)} finetune {np.round(ft, 2)} in {time.time() - t0:.1f}s")
