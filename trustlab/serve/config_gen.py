@@ -167,8 +167,20 @@ def serve_config(settings: dict, host: str | None = None, port: int | None = Non
     return cfg
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the embedded Serve config) as literal blocks, readable in the manifest."""
+
+
+def _str(dumper, value):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def dump(obj) -> str:
-    return yaml.safe_dump(obj, sort_keys=False, default_flow_style=False, width=100)
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
 
 
 # ----------------------------------------------------------------------------- RayService

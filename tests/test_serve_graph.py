@@ -1,0 +1,572 @@
+"""The composed Serve detection graph (trustlab.serve.graph) over real HTTP on 127.0.0.1, plus the
+fusion arithmetic, the generated Serve config (Ray's ServeDeploySchema + a check that rejects
+unknown keys) and the RayService manifest (against the pinned KubeRay CRD).
+
+The HTTP tests share one graph: ``f2c`` (image detector, checkpoint read from a local moto S3),
+``broken`` (the same network with NaN weights: its replica raises on every request) and ``stdt``
+(a video detector, when registered). Checkpoints are trained here in-process for a few steps;
+scores over HTTP are compared with the same model called directly on the same inputs."""
+import concurrent.futures as cf
+import copy
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import BIN, REPO, compose, free_port
+
+SHARED = os.path.join(REPO, "..", "shared")
+CRD_DIR = os.path.join(SHARED, "schemas", "kuberay")
+FACES = os.path.join(SHARED, "data", "real", "faces")
+RAYSERVICE = os.path.join(REPO, "cluster", "kuberay", "rayservice.yaml")
+GRAPH_YAML = os.path.join(REPO, "experiments", "conf", "serve", "graph.yaml")
+VIDEO_METHOD = "stdt"
+
+
+# ----------------------------------------------------------------------------- fusion (plain)
+def test_fusion_mean_max_weighted_arithmetic():
+    from trustlab.serve.fusion import Fusion
+
+    s = {"a": 0.2, "b": 0.9, "c": 0.4}
+    assert Fusion("mean")(s)["score"] == pytest.approx(0.5)
+    assert Fusion("max")(s)["score"] == pytest.approx(0.9)
+    w = Fusion("weighted", {"a": 3.0, "b": 1.0}, detectors=["a", "b", "c"])  # c weighs 1
+    assert w(s)["score"] == pytest.approx((3 * 0.2 + 0.9 + 0.4) / 5)
+    # a failed detector drops out with its weight instead of counting as 0
+    assert w({"a": 0.2, "b": 0.9})["score"] == pytest.approx((3 * 0.2 + 0.9) / 4)
+    assert Fusion("mean")({"a": 0.2, "b": None})["used"] == ["a"]
+
+
+def test_fusion_logistic_stacker_fit_apply_and_missing_detectors():
+    from sklearn.metrics import roc_auc_score
+
+    from trustlab.serve.fusion import Fusion, fit_stacker, logit, sigmoid
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    good = 1 / (1 + np.exp(-(2.5 * (y - 0.5) + rng.normal(0, 1, 400))))   # informative detector
+    weak = 1 / (1 + np.exp(-(0.8 * (y - 0.5) + rng.normal(0, 1, 400))))   # weakly informative
+    noise = rng.uniform(0, 1, 400)                                         # useless detector
+    st = fit_stacker(np.stack([good, weak, noise], 1), y, ["good", "weak", "noise"])
+    c = dict(zip(st["detectors"], st["coef"]))
+    assert c["good"] > c["weak"] > abs(c["noise"]) and abs(c["noise"]) < 0.2, c
+    assert st["val_auc"] >= roc_auc_score(y, good) - 1e-9
+    f = Fusion("logistic", stacker=st, detectors=["good", "weak", "noise", "extra"])
+    out = f({"good": 0.8, "weak": 0.3, "noise": 0.5, "extra": 0.99})
+    want = sigmoid(st["intercept"] + c["good"] * logit(0.8) + c["weak"] * logit(0.3) + c["noise"] * logit(0.5))
+    assert out["score"] == pytest.approx(float(want), abs=1e-12)
+    assert out["ignored"] == ["extra"] and out["imputed"] == []
+    # a stacker detector that failed is replaced by its mean validation logit
+    part = f({"good": 0.8, "noise": 0.5})
+    fill = st["fill"][st["detectors"].index("weak")]
+    want = sigmoid(st["intercept"] + c["good"] * logit(0.8) + c["weak"] * fill + c["noise"] * logit(0.5))
+    assert part["imputed"] == ["weak"] and part["score"] == pytest.approx(float(want), abs=1e-12)
+
+
+@pytest.mark.parametrize("make, msg", [
+    (lambda F: F("median"), "unknown fusion"),
+    (lambda F: F("weighted", {"a": -1.0}), "> 0"),
+    (lambda F: F("weighted", {"zz": 1.0}, detectors=["a"]), "unknown detectors"),
+    (lambda F: F("logistic"), "needs a stacker"),
+    (lambda F: F("logistic", stacker={"kind": "logistic_stacker", "detectors": ["q"], "coef": [1.0], "fill": [0.0],
+                                      "intercept": 0.0}, detectors=["a"]), "does not have"),
+    (lambda F: F("mean")({}), "no detector score"),
+])
+def test_fusion_rejects_what_cannot_work(make, msg):
+    from trustlab.serve.fusion import Fusion, FusionError
+
+    with pytest.raises(FusionError, match=msg):
+        make(Fusion)
+
+
+# ----------------------------------------------------------------------------- config (plain)
+def test_graph_yaml_holds_every_default_with_a_comment():
+    from trustlab.serve.graph import DEFAULTS
+
+    assert yaml.safe_load(open(GRAPH_YAML)) == DEFAULTS
+    for line in open(GRAPH_YAML):
+        s = line.rstrip("\n")
+        if s.strip() and not s.lstrip().startswith("#"):
+            assert "#" in s, f"knob without a comment: {s!r}"
+    cfg = compose(["mode=serve", "serve=graph", "serve.detectors=[f2c,stdt]", "serve.checkpoint_root=s3://b/models"])
+    from trustlab.serve.graph import settings_from_args
+
+    s = settings_from_args(cfg)
+    assert [d["checkpoint"] for d in s["detectors"]] == ["s3://b/models/f2c/model.pt", "s3://b/models/stdt/model.pt"]
+
+
+@pytest.mark.parametrize("args, msg", [
+    ({"detectors": []}, "empty"),
+    ({"detectors": ["a"], "checkpoint_root": "/m", "max_body": 1}, "unknown key"),
+    ({"detectors": ["a"], "checkpoint_root": "/m", "video": {"fps": 3}}, "unknown key"),
+    ({"detectors": [{"name": "a", "checkpoint": "/x", "replicas": 2}]}, "unknown key"),
+    ({"detectors": ["a"]}, "no checkpoint"),
+    ({"detectors": ["a", "a"], "checkpoint_root": "/m"}, "distinct"),
+    ({"detectors": ["Bad Name"], "checkpoint_root": "/m"}, "must match"),
+    ({"detectors": ["a"], "checkpoint_root": "/m", "threshold": 1.5}, "threshold"),
+    ({"detectors": ["a"], "checkpoint_root": "/m", "max_video_frames": 0}, "max_video_frames"),
+    ({"detectors": ["a"], "checkpoint_root": "/m", "fusion": {"method": "logistic"}}, "stacker"),
+    ({"detectors": ["a"], "checkpoint_root": "/m", "fusion": {"method": "weighted", "weights": {"b": 1}}}, "unknown detectors"),
+])
+def test_graph_settings_reject_bad_args(args, msg):
+    from trustlab.serve.graph import GraphConfigError, settings_from_args
+
+    with pytest.raises(GraphConfigError, match=msg):
+        settings_from_args(args)
+
+
+def _settings():
+    from trustlab.serve.graph import settings_from_args
+
+    return settings_from_args({"detectors": ["f2c", {"name": "stdt", "checkpoint": "s3://m/stdt.pt", "num_gpus": 0.5,
+                                                     "max_batch_size": 16}], "checkpoint_root": "s3://m"})
+
+
+def test_serve_config_passes_serve_deploy_schema_and_unknown_keys_are_rejected():
+    from ray.serve.schema import ServeDeploySchema
+
+    from trustlab.serve import config_gen as cg
+
+    cfg = cg.serve_config(_settings())
+    parsed = cg.validate_serve_config(yaml.safe_load(cg.dump(cfg)))  # round trip through YAML
+    (app,) = parsed.applications
+    assert app.import_path == "trustlab.serve.graph:build_app"
+    deps = {d.name: d for d in app.deployments}
+    assert set(deps) == {"ingress", "preprocess", "detector-f2c", "detector-stdt"}
+    assert deps["detector-stdt"].user_config == {"max_batch_size": 16, "batch_wait_timeout_s": 0.005}
+    assert deps["detector-stdt"].max_ongoing_requests >= 16
+    assert deps["detector-stdt"].ray_actor_options.num_gpus == 0.5
+    for mutate, where in [
+        (lambda c: c["applications"][0]["deployments"][2].update(num_replica=3), "deployments[2].num_replica"),
+        (lambda c: c["http_options"].update(request_timeout=5), "http_options.request_timeout"),
+        (lambda c: c["applications"][0]["deployments"][0]["ray_actor_options"].update(num_cpu=1), "num_cpu"),
+        (lambda c: c.update(proxy_locaton="HeadOnly"), "proxy_locaton"),
+    ]:
+        bad = copy.deepcopy(cfg)
+        mutate(bad)
+        ServeDeploySchema.model_validate(bad)  # Ray's schema alone lets the typo through ...
+        with pytest.raises(cg.ServeConfigError) as e:  # ... the unknown-key check does not
+            cg.validate_serve_config(bad)
+        assert any(where in err for err in e.value.errors), e.value.errors
+    for mutate, where in [
+        (lambda c: c["applications"][0]["args"].update(max_body=1), "max_body"),
+        (lambda c: c["applications"][0]["deployments"][3].update(name="detector-nope"), "detector-nope"),
+        (lambda c: c["applications"][0]["deployments"][0].update(num_replicas=0), "num_replicas"),
+    ]:
+        bad = copy.deepcopy(cfg)
+        mutate(bad)
+        with pytest.raises(cg.ServeConfigError) as e:
+            cg.validate_serve_config(bad)
+        assert any(where in err for err in e.value.errors), e.value.errors
+
+
+def _header_argv(path):
+    import shlex
+
+    for line in open(path):
+        if line.startswith("#   python -m trustlab.serve.config_gen "):
+            return shlex.split(line.split("config_gen ", 1)[1])
+    raise AssertionError(f"{path} has no generating command in its header")
+
+
+def test_rayservice_manifest_matches_crd_embeds_a_valid_serve_config_and_is_current(tmp_path):
+    from trustlab.platform import cluster_schema as cs
+    from trustlab.serve import config_gen as cg
+
+    (doc,) = cs.validate_kuberay_manifest(RAYSERVICE, CRD_DIR)
+    assert doc["kind"] == "RayService" and doc["apiVersion"] == "ray.io/v1"
+    sc = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    parsed = cg.validate_serve_config(sc)
+    assert parsed.http_options.port == 8000 and parsed.http_options.host == "0.0.0.0"
+    (app,) = sc["applications"]
+    assert app["import_path"] == "trustlab.serve.graph:build_app"
+    assert all(d["checkpoint"].startswith("s3://") for d in app["args"]["detectors"])
+    cluster = doc["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for p in pods:  # KubeRay's serve service targets the container port named "serve"
+        assert {"containerPort": 8000, "name": "serve"} in p["spec"]["containers"][0]["ports"]
+    # regenerating with the command in the header gives the committed file
+    argv = _header_argv(RAYSERVICE)
+    out = tmp_path / "rs.yaml"
+    i = argv.index("--rayservice") + 1
+    committed_path, argv[i] = argv[i], str(out)
+    cg.generate(argv)
+    assert out.read_text().replace(str(out), committed_path) == open(RAYSERVICE).read(), \
+        "cluster/kuberay/rayservice.yaml is stale: regenerate it with the command in its header"
+    # the CRD check catches a wrong field
+    bad = copy.deepcopy(doc)
+    bad["spec"]["serveConfigv2"] = bad["spec"].pop("serveConfigV2")
+    assert any("serveConfigv2" in e for e in cs.kuberay_errors(bad, CRD_DIR))
+
+
+def test_serve_build_import_path(tmp_path):
+    """`serve build trustlab.serve.graph:app` (knobs from $TRUSTLAB_SERVE_ARGS) writes a config that
+    passes the same checks."""
+    from trustlab.serve import config_gen as cg
+
+    args = tmp_path / "args.yaml"
+    args.write_text(yaml.safe_dump({"detectors": ["f2c", "stdt"], "checkpoint_root": "s3://m",
+                                    "batching": {"max_batch_size": 4}}))
+    out = tmp_path / "built.yaml"
+    env = dict(os.environ, TRUSTLAB_SERVE_ARGS=str(args), RAY_USAGE_STATS_ENABLED="0")
+    r = subprocess.run([os.path.join(BIN, "serve"), "build", "trustlab.serve.graph:app", "-o", str(out)],
+                       capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    built = yaml.safe_load(out.read_text())
+    cg.validate_serve_config(built)
+    deps = {d["name"]: d for d in built["applications"][0]["deployments"]}
+    assert set(deps) == {"ingress", "preprocess", "detector-f2c", "detector-stdt"}
+    assert deps["detector-f2c"]["user_config"]["max_batch_size"] == 4
+
+
+# ----------------------------------------------------------------------------- preprocessing (plain)
+def test_preprocessor_finds_a_real_face_and_reports_bad_input():
+    from PIL import Image
+
+    from trustlab.serve.graph import DEFAULTS, Preprocessor
+
+    s = copy.deepcopy(DEFAULTS)
+    s["video"].update(face_size=64, detect_width=320)
+    p = Preprocessor(s)
+    im = Image.open(os.path.join(FACES, "kate_siegel.jpg")).convert("RGB")
+    im = im.resize((im.width // 4, im.height // 4))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG")
+    out = p.run({"data": buf.getvalue(), "kind": None, "modalities": ["image", "face"]})
+    assert out["ok"] and out["kind"] == "image", out
+    assert out["inputs"]["face"].shape == (64, 64, 3) and out["meta"]["face_found"] is True
+    x0, y0, x1, y1 = out["meta"]["face_box"]   # the face is in the upper-middle of the portrait
+    assert 0 <= x0 < x1 <= im.width and 0 <= y0 < y1 <= im.height and (x1 - x0) < 0.9 * im.width
+    bad = p.run({"data": b"\x89PNG\r\n\x1a\n" + b"x" * 100, "kind": "image", "modalities": ["image"]})
+    assert bad == {"ok": False, "status": 400, "code": "corrupt_image", "error": bad["error"]}
+
+
+# ----------------------------------------------------------------------------- fixtures for HTTP
+def _png(seed, size=48):
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _face_video(path, n_frames, side=128, fps=25):
+    """A short H.264 clip of a real portrait moving slowly (so the Haar detector finds a face)."""
+    import cv2
+    from PIL import Image
+
+    from trustlab.platform.data.synth_video import write_mp4
+
+    face = np.asarray(Image.open(os.path.join(FACES, "kate_siegel.jpg")).convert("RGB"))
+    face = cv2.resize(face, (side, int(side * face.shape[0] / face.shape[1])), interpolation=cv2.INTER_AREA)
+    frames = []
+    for t in range(n_frames):
+        dy = int(4 * math.sin(t / 4.0))
+        fr = face[max(0, 10 + dy):max(0, 10 + dy) + side]
+        fr = np.pad(fr, ((0, side - fr.shape[0]), (0, 0), (0, 0)), mode="edge")
+        frames.append(fr)
+    write_mp4(np.stack(frames).astype(np.uint8), str(path), fps=fps)
+    return open(path, "rb").read()
+
+
+def _train(method_name, overrides, out_dir, batch_fn, steps=3, nan=False):
+    """A checkpoint of ``method_name`` after a few optimizer steps, saved like the platform does."""
+    import torch
+
+    from trustlab.platform.checkpoints import save_state
+    from trustlab.platform.registry import get_method
+
+    cfg = compose([f"method={method_name}", *overrides])
+    m = get_method(method_name)
+    stage = m.stages(cfg)[-1]
+    torch.manual_seed(0)
+    model = m.build_model(cfg, stage)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for i in range(steps):
+        out = m.loss_step(model, batch_fn(i), stage, cfg)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    model.eval()
+    sd = model.state_dict()
+    if nan:  # a diverged checkpoint: the last layer's bias is NaN
+        last = [k for k in sd if k.endswith("bias")][-1]
+        sd[last] = torch.full_like(sd[last], float("nan"))
+    save_state(str(out_dir), model=sd, epoch=1, stage=stage, cfg=cfg)
+    return os.path.join(str(out_dir), "model.pt")
+
+
+def _f2c_batch(i):
+    import torch
+
+    g = torch.Generator().manual_seed(i)
+    return {"x": torch.rand(8, 3, 32, 32, generator=g), "y": torch.arange(8) % 2}
+
+
+def _video_batch(i):
+    import torch
+
+    g = torch.Generator().manual_seed(i)
+    return {"x": torch.rand(4, 4, 3, 32, 32, generator=g), "y": torch.arange(4) % 2}
+
+
+VIDEO_CFG = {"frames": 8, "clip_len": 4, "face_size": 48, "detect_width": 320}
+
+
+@pytest.fixture(scope="module")
+def graph(ray_head, tmp_path_factory):
+    import requests
+    from ray import serve
+
+    from trustlab.platform.data.s3local import LocalS3, upload_file
+    from trustlab.platform.registry import list_methods
+    from trustlab.serve.graph import build_app, http_options, settings_from_args
+
+    root = tmp_path_factory.mktemp("serve-graph")
+    f2c = _train("f2c", ["method.data.size=32", "method.backbone=resnet10t"], root / "f2c", _f2c_batch)
+    broken = _train("f2c", ["method.data.size=32"], root / "broken", _f2c_batch, nan=True)
+    video = None
+    if VIDEO_METHOD in list_methods():
+        video = _train(VIDEO_METHOD, ["method.data.size=32", "method.data.clip_len=4", "method.vit.depth=1"],
+                       root / VIDEO_METHOD, _video_batch)
+    s3 = LocalS3().start()
+    s3.create_bucket("models")
+    s3.create_bucket("inputs")
+    f2c_uri = upload_file(s3.endpoint, f2c, "models", "serve/f2c/model.pt")
+    dets = [{"name": "f2c", "checkpoint": f2c_uri, "batch_wait_timeout_s": 0.05, "max_batch_size": 8},
+            {"name": "broken", "checkpoint": broken}]
+    if video:
+        dets.append({"name": VIDEO_METHOD, "checkpoint": video})
+    env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                      "AWS_EC2_METADATA_DISABLED") if k in os.environ}
+    settings = settings_from_args({
+        "detectors": dets, "max_body_mb": 1.0, "max_video_seconds": 2.0, "request_timeout_s": 90.0,
+        "video": VIDEO_CFG, "s3_endpoint": s3.endpoint, "env": env,
+        "resources": {"ingress_cpus": 0.1, "preprocess_cpus": 0.2, "detector_cpus": 0.2, "torch_threads": 1},
+        "health_check_period_s": 5.0,
+    })
+    port = free_port()
+    serve.shutdown()  # Serve's HTTP options are fixed when it starts: start it with ours
+    serve.start(http_options=http_options({**settings, "host": "127.0.0.1", "port": port}))
+    try:
+        serve.run(build_app(settings), name="trustlab-graph-test", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{url}/healthz", timeout=60).json()["status"] == "ok"
+        yield {"url": url, "f2c": f2c, "broken": broken, "video": video, "s3": s3, "root": root}
+    finally:
+        serve.shutdown()
+        s3.stop()
+
+
+def _reference(ckpt):
+    from trustlab.platform.checkpoints import load_state
+    from trustlab.platform.train import load_model
+
+    state = load_state(ckpt)
+    method, model = load_model(state["cfg"], state)
+    return method, model, state["cfg"]
+
+
+def _image_score(ckpt, png):
+    import torch
+    from PIL import Image
+
+    method, model, cfg = _reference(ckpt)
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    with torch.no_grad():
+        return float(method.predict(model, method.serve_inputs([img], cfg), cfg)[0])
+
+
+def _post(url, data, ctype="image/png", name="x.png", **params):
+    import requests
+
+    return requests.post(f"{url}/v1/detect", files={"file": (name, data, ctype)}, params=params, timeout=120)
+
+
+# ----------------------------------------------------------------------------- HTTP
+def test_listing_docs_and_health(graph):
+    import requests
+
+    url = graph["url"]
+    body = requests.get(f"{url}/v1/detectors", timeout=30).json()
+    dets = {d["name"]: d for d in body["detectors"]}
+    assert dets["f2c"]["method"] == "f2c" and dets["f2c"]["modality"] == "image"
+    assert dets["f2c"]["checkpoint"].startswith("s3://models/")
+    assert "non-finite" in dets["broken"]["warmup_error"]
+    if graph["video"]:
+        assert dets[VIDEO_METHOD]["modality"] == "video"
+    assert body["fusion"]["method"] == "mean" and body["limits"]["max_video_seconds"] == 2.0
+    assert requests.get(f"{url}/docs", timeout=30).status_code == 200
+    spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+    content = spec["paths"]["/v1/detect"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(content)
+    assert {"/v1/detectors", "/healthz"} <= set(spec["paths"])
+    h = requests.get(f"{url}/healthz", timeout=30).json()
+    assert h["status"] == "ok" and h["preprocess"] == "ok" and set(h["detectors"]) == set(dets)
+
+
+def test_image_happy_path_with_a_failing_detector(graph):
+    png = _png(1)
+    r = _post(graph["url"], png)
+    assert r.status_code == 200, r.text
+    b = r.json()
+    d = b["detectors"]
+    assert d["f2c"]["status"] == "ok" and d["f2c"]["score"] == pytest.approx(_image_score(graph["f2c"], png), abs=1e-5)
+    assert d["broken"]["status"] == "failed" and "non-finite" in d["broken"]["error"]
+    if graph["video"]:
+        assert d[VIDEO_METHOD]["status"] == "skipped"
+    assert b["fusion"]["used"] == ["f2c"] and b["score"] == pytest.approx(d["f2c"]["score"])
+    assert b["verdict"] == ("fake" if b["score"] >= b["threshold"] else "real")
+    assert b["degraded"] is True and b["kind"] == "image" and b["input"]["width"] == 48
+    assert set(b["timings_ms"]) >= {"read", "preprocess", "detectors", "fusion", "total"}
+    # every detector that applies failed -> 503, with the reasons
+    r = _post(graph["url"], png, detectors="broken")
+    assert r.status_code == 503 and r.json()["code"] == "all_detectors_failed"
+    assert r.json()["detectors"]["broken"]["status"] == "failed"
+    # the replica that raised is still serving, and the graph is still healthy
+    again = _post(graph["url"], png, detectors="f2c,broken")
+    assert again.status_code == 200 and again.json()["detectors"]["broken"]["status"] == "failed"
+
+
+def test_s3_uri_input_scores_like_the_upload(graph):
+    import requests
+
+    from trustlab.platform.data.s3local import s3_client
+
+    png = _png(2)
+    s3_client(graph["s3"].endpoint).put_object(Bucket="inputs", Key="img/two.png", Body=png)
+    r = requests.post(f"{graph['url']}/v1/detect", json={"uri": "s3://inputs/img/two.png", "detectors": ["f2c"]},
+                      timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["detectors"]["f2c"]["score"] == pytest.approx(_image_score(graph["f2c"], png), abs=1e-5)
+
+
+def test_video_happy_path(graph, tmp_path):
+    import torch
+
+    from trustlab.platform.data.faces import FaceDetector, track_clip
+    from trustlab.platform.data.video import decode_sampled, open_video, sample_indices
+
+    data = _face_video(tmp_path / "face.mp4", 24)
+    r = _post(graph["url"], data, "video/mp4", "face.mp4")
+    assert r.status_code == 200, r.text
+    b = r.json()
+    assert b["kind"] == "video" and b["input"]["frames_total"] == 24 and b["input"]["duration_s"] == pytest.approx(0.96)
+    # the same frames decoded and cropped here with the data plane, scored by the same models
+    n = len(open_video(data))
+    idx = sample_indices(n, VIDEO_CFG["frames"], VIDEO_CFG["clip_len"], 1)
+    assert b["input"]["sampled_frames"] == idx.tolist()
+    frames = decode_sampled(data, idx)
+    method, model, cfg = _reference(graph["f2c"])
+    with torch.no_grad():
+        want = float(method.predict(model, method.serve_inputs(list(frames), cfg), cfg).mean())
+    assert b["detectors"]["f2c"]["units"] == len(idx)
+    assert b["detectors"]["f2c"]["score"] == pytest.approx(want, abs=1e-5)
+    if graph["video"]:
+        t = VIDEO_CFG["clip_len"]
+        det = FaceDetector(detect_width=VIDEO_CFG["detect_width"])
+        clips = [track_clip(frames[j:j + t], det, VIDEO_CFG["face_size"], 1.3, 5) for j in range(0, len(idx), t)]
+        assert all(st.detected == t for _, _, st in clips), "the portrait's face should be found in every frame"
+        method, model, cfg = _reference(graph["video"])
+        with torch.no_grad():
+            want = float(np.mean([float(method.predict(model, method.serve_inputs(list(c), cfg), cfg)[0])
+                                  for c, _, _ in clips]))
+        v = b["detectors"][VIDEO_METHOD]
+        assert v["status"] == "ok" and v["units"] == len(clips)
+        assert v["score"] == pytest.approx(want, abs=1e-5)
+        assert b["fusion"]["used"] == sorted(["f2c", VIDEO_METHOD])
+        assert b["score"] == pytest.approx((b["detectors"]["f2c"]["score"] + v["score"]) / 2)
+        assert b["input"]["faces"]["detected"] == len(idx)
+
+
+def _bad_cases():
+    import requests
+
+    def post_json(url, raw):
+        return requests.post(f"{url}/v1/detect", data=raw, headers={"Content-Type": "application/json"}, timeout=60)
+
+    return [
+        ("corrupt_image", lambda g: _post(g["url"], b"\x89PNG\r\n\x1a\n" + b"\0garbage" * 40), 400, "corrupt_image"),
+        ("corrupt_video", lambda g: _post(g["url"], _face_video(g["root"] / "c.mp4", 12)[:1500], "video/mp4", "c.mp4"),
+         400, "corrupt_video"),
+        ("empty_body", lambda g: requests.post(f"{g['url']}/v1/detect", data=b"", timeout=60,
+                                               headers={"Content-Type": "multipart/form-data; boundary=xyz"}),
+         400, "empty_body"),
+        ("empty_file", lambda g: _post(g["url"], b""), 400, "empty_upload"),
+        ("wrong_content_type", lambda g: requests.post(f"{g['url']}/v1/detect", data=b"hello", timeout=60,
+                                                       headers={"Content-Type": "text/plain"}),
+         415, "unsupported_media_type"),
+        ("wrong_part_type", lambda g: _post(g["url"], b"hello", "text/plain", "a.txt"), 415, "unsupported_media_type"),
+        ("unknown_detector", lambda g: _post(g["url"], _png(3), detectors="f2c,nope"), 400, "unknown_detector"),
+        ("malformed_json", lambda g: post_json(g["url"], b'{"uri": "s3://inputs/x.png"'), 400, "malformed_json"),
+        ("json_not_s3", lambda g: post_json(g["url"], json.dumps({"uri": "/etc/passwd"}).encode()), 400, "bad_uri"),
+        ("json_missing_object", lambda g: post_json(g["url"], json.dumps({"uri": "s3://inputs/none.png"}).encode()),
+         404, "not_found"),
+        ("too_large_body", lambda g: _post(g["url"], b"\0" * (1024 * 1024 + 10)), 413, "body_too_large"),
+        ("too_long_video", lambda g: _post(g["url"], _face_video(g["root"] / "long.mp4", 60, side=64), "video/mp4",
+                                           "long.mp4"), 413, "video_too_long"),
+    ]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _bad_cases()])
+def test_bad_input_gets_4xx_json_and_the_next_request_is_answered(graph, case):
+    (_, send, status, code), = [c for c in _bad_cases() if c[0] == case]
+    r = send(graph)
+    assert r.status_code == status, (case, r.status_code, r.text[:500])
+    body = r.json()
+    assert body["code"] == code and isinstance(body["error"], str) and body["error"], body
+    png = _png(10)
+    ok = _post(graph["url"], png, detectors="f2c")
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["detectors"]["f2c"]["score"] == pytest.approx(_image_score(graph["f2c"], png), abs=1e-5)
+
+
+def test_image_for_video_only_detector_is_422(graph):
+    if not graph["video"]:
+        pytest.skip(f"{VIDEO_METHOD} is not registered")
+    r = _post(graph["url"], _png(4), detectors=VIDEO_METHOD)
+    assert r.status_code == 422 and r.json()["code"] == "no_applicable_detector"
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_score(graph):
+    pngs = [_png(100 + i) for i in range(12)]
+    want = [_image_score(graph["f2c"], p) for p in pngs]
+    with cf.ThreadPoolExecutor(12) as ex:
+        rs = list(ex.map(lambda p: _post(graph["url"], p, detectors="f2c"), pngs))
+    assert all(r.status_code == 200 for r in rs), [r.text[:200] for r in rs if r.status_code != 200]
+    got = [r.json()["detectors"]["f2c"] for r in rs]
+    for g, w in zip(got, want):
+        assert g["score"] == pytest.approx(w, abs=1e-5)
+    assert max(g["batch_requests"] for g in got) > 1, "no two requests shared a batch"
+
+
+def test_stacker_fitted_on_scores_collected_through_the_graph(graph, tmp_path):
+    import pandas as pd
+
+    from trustlab.serve.fusion import load_stacker, main
+
+    rows = []
+    for i in range(6):
+        p = tmp_path / f"v{i}.png"
+        p.write_bytes(_png(200 + i))
+        rows.append({"uri": str(p), "label": i % 2, "split": "val"})
+    rows.append({"uri": str(tmp_path / "test.png"), "label": 0, "split": "test"})  # never read
+    pd.DataFrame(rows).to_csv(tmp_path / "val.csv", index=False)
+    assert main(["collect", "--url", graph["url"], "--manifest", str(tmp_path / "val.csv"),
+                 "--out", str(tmp_path / "scores.csv")]) == 0
+    df = pd.read_csv(tmp_path / "scores.csv")
+    assert len(df) == 6 and df["broken"].isna().all() and df["f2c"].notna().all()
+    for uri, s in zip(df["uri"], df["f2c"]):
+        assert s == pytest.approx(_image_score(graph["f2c"], open(uri, "rb").read()), abs=1e-5)
+    assert main(["fit", "--scores", str(tmp_path / "scores.csv"), "--detectors", "f2c",
+                 "--out", str(tmp_path / "stacker.json")]) == 0
+    st = load_stacker(str(tmp_path / "stacker.json"))
+    assert st["detectors"] == ["f2c"] and st["n_val"] == 6
