@@ -1,0 +1,146 @@
+"""LAST: shapes, real-only pre-training whose latent-reconstruction and contrastive losses
+decrease on real clips, a frozen backbone under the linear head, target labels that never reach
+training (and adaptation that does use the target clips), checkpoint round trip. Plain PyTorch."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from conftest import ci_overrides, compose
+from trustlab.methods import _video as V
+from trustlab.methods.last import LASTNet, ssl_losses
+from trustlab.platform import checkpoints as ck
+from trustlab.platform.registry import get_method
+
+TINY = ["method.data.backend=memory", "method.data.size=32", "method.data.frames_per_video=8", "method.data.clip_len=4",
+        "method.dim=32", "method.depth=1", "method.heads=2", "method.contrast.proj_dim=32"]
+
+
+def cfg_of(*ov):
+    return compose(["method=last", *TINY, *ov])
+
+
+def test_config_and_ci_overrides_compose():
+    cfg = compose(["method=last", *ci_overrides("last")])
+    assert get_method("last").stages(cfg) == ["pretrain_ssl", "adapt"]
+    assert V.protocol(cfg)[1] == ["synth_warp"]
+
+
+def test_shapes():
+    cfg = cfg_of()
+    torch.manual_seed(0)
+    net = LASTNet(cfg, "pretrain_ssl")
+    x = torch.rand(3, 4, 3, 32, 32)
+    h, tok, mask = net.encode(x, 0.5)
+    assert h.shape == tok.shape == (3, 4, 4, 32) and mask.shape == (3, 4, 4) and mask.any()
+    assert net.features(x).shape == (3, 64)
+    assert net(x).shape == (3,)
+    assert isinstance(net.head, torch.nn.Linear)  # the transferable head is linear
+    out = ssl_losses(net.train(), x, cfg)
+    assert {"recon", "contrast", "loss"} <= set(out)
+
+
+def test_ssl_losses_decrease_on_real_clips():
+    cfg = cfg_of("method.data.n_videos_per_class=20", "trainer.batch_size=16", "method.lr.pretrain_ssl=0.002",
+                 "method.data.targets=[]")
+    method = get_method("last")
+    data = V.build_video_data(cfg, unlabelled_targets=True)
+    sd = method.stage_data(cfg, "pretrain_ssl", data)
+    assert (sd["train"]["y"] == 0).all() and len(sd["train"]["y"]) > 0
+    torch.manual_seed(0)
+    _, hist = V.local_fit(method, cfg, data, stages=["pretrain_ssl"], epochs=6)
+    h = hist["pretrain_ssl"]
+    first = {k: np.mean([e[k] for e in h[:2]]) for k in ("recon", "contrast")}
+    last = {k: np.mean([e[k] for e in h[-2:]]) for k in ("recon", "contrast")}
+    assert last["recon"] < 0.85 * first["recon"], (first, last)
+    assert last["contrast"] < 0.85 * first["contrast"], (first, last)
+
+
+def adapt_data(cfg):
+    data = V.build_video_data(cfg, unlabelled_targets=True)
+    assert "unlabelled:synth_warp" in data and "target:synth_warp" in data
+    return data
+
+
+def run_adapt(cfg, data, backbone_state):
+    torch.manual_seed(0)
+    model, hist = V.local_fit(get_method("last"), cfg, data, stages=["adapt"], epochs=2, init_state=backbone_state)
+    return model.state_dict(), hist
+
+
+def test_target_labels_never_reach_training():
+    cfg = cfg_of("method.data.n_videos_per_class=10", "method.data.targets=[synth_warp]", "trainer.batch_size=16",
+                 "method.adapt.threshold=0.5", "method.adapt.warmup_steps=1")
+    method = get_method("last")
+    data = adapt_data(cfg)
+    tgt = data["unlabelled:synth_warp"]
+    assert set(np.unique(tgt["y"])) == {0, 1}  # the labels exist in the loaded data ...
+
+    sd = method.stage_data(cfg, "adapt", data)
+    assert set(sd) == {"train", "val"}
+    tr = sd["train"]
+    assert set(tr) == {"x", "vid", "clip", "y", "domain"}  # no manipulation/source/video_id columns
+    is_t = tr["domain"] == 1
+    assert is_t.sum() == len(tgt["y"]) and (tr["y"][is_t] == V.UNLABELLED).all()  # ... but not here
+    np.testing.assert_array_equal(tr["y"][~is_t], data["train"]["y"])
+    np.testing.assert_array_equal(sd["val"]["y"], data["val"]["y"])  # selection on the source's val
+
+    torch.manual_seed(0)
+    backbone = LASTNet(cfg, "pretrain_ssl").state_dict()
+    ref, hist = run_adapt(cfg, data, backbone)
+    assert hist["adapt"][-1]["target_kept"] > 0  # pseudo-labels were used
+
+    # whatever the target labels (and label-revealing columns) are, training is bit-identical
+    rng = np.random.default_rng(0)
+    for y_new in (1 - tgt["y"], rng.integers(0, 2, len(tgt["y"])), np.zeros_like(tgt["y"])):
+        other = dict(data)
+        other["unlabelled:synth_warp"] = {**tgt, "y": y_new.astype(np.int64),
+                                          "manipulation": np.where(y_new == 1, "warp", "none")}
+        got, _ = run_adapt(cfg, other, backbone)
+        assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+    # the target clips themselves do matter (else the check above would be vacuous)
+    other = dict(data)
+    other["unlabelled:synth_warp"] = {**tgt, "x": np.ascontiguousarray(tgt["x"][::-1])}
+    got, _ = run_adapt(cfg, other, backbone)
+    assert not torch.equal(ref["head.weight"], got["head.weight"])
+    # and the source-only ablation trains a different head
+    got, _ = run_adapt(cfg_of("method.data.n_videos_per_class=10", "method.data.targets=[synth_warp]",
+                              "trainer.batch_size=16", "method.adapt.target_weight=0"), data, backbone)
+    assert not torch.equal(ref["head.weight"], got["head.weight"])
+
+
+def test_adapt_freezes_the_backbone():
+    cfg = cfg_of()
+    method = get_method("last")
+    torch.manual_seed(0)
+    net = method.build_model(cfg, "adapt")
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias"}
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = method.configure_optimizer(net, cfg, "adapt")
+    net.train()
+    batch = {"x": torch.rand(6, 4, 3, 32, 32), "y": torch.tensor([0, 1, 0, -1, -1, -1])}
+    for _ in range(3):
+        out = method.loss_step(net, batch, "adapt", cfg)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    after = net.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {"head.weight", "head.bias"}
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = cfg_of()
+    method = get_method("last")
+    torch.manual_seed(1)
+    model = method.build_model(cfg, "adapt").eval()
+    x = torch.rand(2, 4, 3, 32, 32)
+    ck.save_state(str(tmp_path), model=model.state_dict(), epoch=1, stage="adapt", cfg=cfg)
+    state = ck.load_state(str(tmp_path))
+    torch.manual_seed(2)
+    fresh = method.build_model(state["cfg"], state["stage"])
+    fresh.load_state_dict(state["model"])
+    fresh.eval()
+    assert torch.equal(method.predict(model, {"x": x}, cfg), method.predict(fresh, {"x": x}, cfg))

@@ -1,0 +1,561 @@
+"""Shared pieces of the three face-forgery video methods (STDT, NACO, LAST).
+
+Not a method (the leading underscore keeps ``trustlab.methods`` from treating it as one).
+Holds what the three share and that is not generic platform machinery:
+
+- the cross-dataset protocol: ``data.train=<source>`` and ``data.test=[<targets>]`` name entries
+  of ``method.data.sets``; the source gives ``train``/``val``/``test`` (in-domain), each target
+  gives ``target:<name>`` (its test videos, cross-domain) and ``unlabelled:<name>`` (its train
+  videos, used only by a method that adapts on unlabelled target clips);
+- data loading: the streamed video data plane (``trustlab.platform.data.video.clip_datasets`` on
+  manifests from ``synth_video.build_synth_video_manifest`` or a given manifest) when
+  ``method.data.backend`` is ``stream`` (or ``auto`` and the data plane is importable), else an
+  in-memory synthetic clip generator (``synth_clip_arrays``) with the same row schema;
+- clip augmentation, a plain-PyTorch stage runner (``local_fit``: the generic loop on one
+  process, used by tests and benchmarks), and the ``after_train`` report (cross-domain metrics,
+  robustness sweep, ablation runs through the same Ray Train path as the main run).
+
+Nothing here imports Ray at module level: the GPU benchmark imports the method modules on a
+machine without Ray.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_KEYS = ("x", "y", "vid", "clip")
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FACE_DIR = os.path.join(os.path.dirname(_REPO), "shared", "data", "real", "faces")
+
+
+# ----------------------------------------------------------------------------- synthetic clips
+@functools.lru_cache(maxsize=4)
+def face_bank(side: int = 96) -> tuple[np.ndarray, ...]:
+    """Real face photos as float32 ``side x side x 3`` arrays in [0, 255]: scikit-image's
+    astronaut (face region) and, when present, the aligned portraits of ``../shared/data/real``."""
+    import cv2
+    import skimage.data as skd
+
+    faces = [np.asarray(skd.astronaut())[40:200, 150:310]]
+    if os.path.isdir(FACE_DIR):
+        from PIL import Image
+
+        for f in sorted(os.listdir(FACE_DIR)):
+            if f.endswith("_aligned.png"):
+                faces.append(np.asarray(Image.open(os.path.join(FACE_DIR, f)).convert("RGB")))
+    return tuple(cv2.resize(f.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA) for f in faces)
+
+
+def _ellipse_mask(side: int, cx: float, cy: float, rx: float, ry: float, soft: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
+    r = np.sqrt(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2)
+    return np.clip((1.0 - r) / soft + 0.5, 0.0, 1.0)[..., None]
+
+
+def _affine(side: int, out: int, tx: float, ty: float, scale: float, rot: float) -> np.ndarray:
+    """2x3 matrix mapping the ``side`` face canvas to an ``out`` crop (zoom/shift/rotate about the centre)."""
+    c = side / 2.0
+    a = math.cos(rot) * scale * out / side
+    b = math.sin(rot) * scale * out / side
+    return np.array([[a, -b, out / 2.0 - a * c + b * c + tx * out / side],
+                     [b, a, out / 2.0 - b * c - a * c + ty * out / side]], np.float32)
+
+
+def render_video(rng: np.random.Generator, n_frames: int, size: int, manipulation: str,
+                 strength: float = 1.0, side: int = 96) -> np.ndarray:
+    """One video as ``n_frames x size x size x 3`` uint8: a real face with smooth head motion
+    (sinusoidal shift, zoom and roll) and sensor noise. ``manipulation != "none"`` swaps or
+    alters an elliptic face region with per-frame inconsistencies (magnitudes x ``strength``):
+
+    - ``blend``: another identity's face blended in with a soft mask whose centre, radii and
+      opacity jitter from frame to frame, and a per-video colour mismatch;
+    - ``warp``: the face region re-rendered through an extra affine warp (zoom/shift) that
+      wobbles from frame to frame, so the inner face slides against its surroundings;
+    - ``color``: the face region's colour gains shifted per video and flickering per frame.
+    """
+    import cv2
+
+    bank = face_bank(side)
+    k = rng.integers(len(bank))
+    face = bank[k].copy()
+    if rng.random() < 0.5:
+        face = face[:, ::-1].copy()
+    face = face * rng.uniform(0.85, 1.15, size=3).astype(np.float32) + rng.uniform(-12, 12)
+    zoom = rng.uniform(1.0, 1.25)
+    amp = rng.uniform(2.0, 6.0, size=3)  # shift x, shift y (px of the canvas), zoom/roll amplitude
+    ph = rng.uniform(0, 2 * np.pi, size=4)
+    w = rng.uniform(0.15, 0.45, size=4)  # radians per frame: slow, smooth motion
+    s = float(strength)
+    if manipulation == "blend":
+        donor = bank[(k + 1 + rng.integers(len(bank) - 1)) % len(bank)].copy()
+        donor = donor * rng.uniform(1 - 0.12 * s, 1 + 0.12 * s, size=3).astype(np.float32)
+    elif manipulation not in ("none", "warp", "color"):
+        raise ValueError(f"unknown manipulation {manipulation!r}")
+    gain = 1.0 + 0.10 * s * rng.choice([-1, 1], size=3) * rng.uniform(0.5, 1.0, size=3)
+    frames = np.empty((n_frames, size, size, 3), np.uint8)
+    for t in range(n_frames):
+        img = face
+        if manipulation != "none":
+            cx = side / 2 + rng.normal(0, 1.5 * s)
+            cy = side * 0.55 + rng.normal(0, 1.5 * s)
+            m = _ellipse_mask(side, cx, cy, side * 0.28 * (1 + rng.normal(0, 0.06 * s)),
+                              side * 0.36 * (1 + rng.normal(0, 0.06 * s)), 0.25)
+            if manipulation == "blend":
+                inner = donor
+                m = m * rng.uniform(1 - 0.25 * s, 1.0)
+            elif manipulation == "warp":
+                mw = _affine(side, side, rng.normal(0, 1.5 * s), rng.normal(0, 1.5 * s),
+                             1.0 + 0.05 * s * (1 + rng.normal(0, 0.5)), rng.normal(0, 0.03 * s))
+                inner = cv2.warpAffine(face, mw, (side, side), borderMode=cv2.BORDER_REFLECT)
+            else:
+                inner = face * (gain + rng.normal(0, 0.05 * s, size=3)).astype(np.float32)
+            img = m * inner + (1 - m) * face
+        M = _affine(side, size, amp[0] * math.sin(w[0] * t + ph[0]), amp[1] * math.sin(w[1] * t + ph[1]),
+                    zoom * (1 + 0.01 * amp[2] * math.sin(w[2] * t + ph[2])), 0.04 * math.sin(w[3] * t + ph[3]))
+        fr = cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT)
+        fr = fr + rng.normal(0, 2.0, size=fr.shape)
+        frames[t] = np.clip(np.rint(fr), 0, 255).astype(np.uint8)
+    return frames
+
+
+def synth_clip_arrays(seed: int, n_videos: dict, manipulations, n_frames: int, clip_len: int,
+                      size: int, strength: float = 1.0, vid_offset: int = 0) -> dict:
+    """In-memory clip set ``{split: {x: N x T x 3 x S x S uint8, y, vid, clip, manipulation}}``.
+
+    ``n_videos`` maps split -> videos per class (half real, half fake; the fakes cycle through
+    ``manipulations``). Each video has ``n_frames`` frames cut into ``n_frames // clip_len``
+    consecutive clips; every clip of a video shares its ``vid`` (for video-level metrics).
+    Deterministic by ``seed`` (each split draws from its own stream)."""
+    out = {}
+    vid = vid_offset
+    for si, (split, n) in enumerate(n_videos.items()):
+        rng = np.random.default_rng([int(seed), si, 7])
+        xs, ys, vids, clips, mans = [], [], [], [], []
+        for i in range(2 * int(n)):
+            label = i % 2
+            man = "none" if label == 0 else manipulations[(i // 2) % len(manipulations)]
+            v = render_video(rng, n_frames, size, man, strength)
+            for c in range(n_frames // clip_len):
+                xs.append(v[c * clip_len : (c + 1) * clip_len].transpose(0, 3, 1, 2))
+                ys.append(label)
+                vids.append(vid)
+                clips.append(c)
+                mans.append(man)
+            vid += 1
+        out[split] = {"x": np.stack(xs), "y": np.asarray(ys, np.int64), "vid": np.asarray(vids, np.int64),
+                      "clip": np.asarray(clips, np.int64), "manipulation": np.asarray(mans)}
+    return out
+
+
+# ----------------------------------------------------------------------------- protocol + data
+def protocol(cfg: dict) -> tuple[str, list[str]]:
+    """``(source, [targets])``: ``data.train`` / ``data.test`` when the data group declares them,
+    else ``method.data.source`` / ``method.data.targets``; names are keys of ``method.data.sets``."""
+    d, m = cfg.get("data", {}) or {}, cfg["method"]["data"]
+    source = d.get("train") or m["source"]
+    targets = d.get("test") if d.get("test") not in (None, [], "") else m.get("targets", [])
+    if isinstance(targets, str):
+        targets = [t for t in targets.strip("[]").split(",") if t.strip()]
+    targets = [str(t).strip() for t in targets]
+    sets = m["sets"]
+    for n in [source, *targets]:
+        if n not in sets:
+            raise ValueError(f"unknown video set {n!r}; method.data.sets has: {', '.join(sets)}")
+    return str(source), targets
+
+
+def backend(cfg: dict) -> str:
+    """``stream`` (the Ray Data video plane) or ``memory`` (in-memory synthetic clips)."""
+    want = cfg["method"]["data"].get("backend", "auto")
+    if want in ("stream", "memory"):
+        return want
+    try:
+        from trustlab.platform.data import synth_video, video  # noqa: F401
+    except Exception:
+        return "memory"
+    return "stream"
+
+
+def _set_seed(cfg: dict, name: str) -> int:
+    """Each set draws from its own seed, so the real videos of two sets differ too."""
+    return int(cfg["seed"]) * 1000 + int(cfg["method"]["data"]["sets"][name].get("seed_offset", 0))
+
+
+def split_counts(n: int, fractions) -> dict:
+    """Videos per class in train / val / test, rounded like the data plane does."""
+    n_tr, n_va = int(round(fractions[0] * n)), int(round(fractions[1] * n))
+    return {"train": n_tr, "val": n_va, "test": max(0, n - n_tr - n_va)}
+
+
+SET_KEYS = ("name", "manifest", "root", "adapter", "keep_manipulations", "store", "bucket", "prefix")
+
+
+def stream_config(cfg: dict, name: str) -> dict:
+    """The data-plane config (``trustlab.platform.data.video.DEFAULTS`` keys) of one set: the
+    set's own entry (``name``, ``manifest``, ``root``, ``synth`` ...) over the method's shared
+    sampling knobs."""
+    d = cfg["method"]["data"]
+    spec = d["sets"][name]
+    out = dict(d.get("stream") or {})
+    out.update(frames_per_video=int(d["frames_per_video"]), clip_len=int(d["clip_len"]), size=int(d["size"]),
+               root=d["root"], cache=d.get("cache"))
+    out.update({k: spec[k] for k in SET_KEYS if k in spec})
+    out.setdefault("name", "synth_video")
+    out["synth"] = {"n_videos_per_class": int(d["n_videos_per_class"]), "n_frames": int(d["n_frames"]),
+                    "frame_size": int(d["frame_size"]), "strength": float(spec.get("strength", d.get("strength", 1.0))),
+                    "manipulations": list(spec.get("manipulations") or [])}
+    return out
+
+
+def _memory_set(cfg: dict, name: str, splits, vid_offset: int) -> dict:
+    d = cfg["method"]["data"]
+    spec = d["sets"][name]
+    if spec.get("manifest") or spec.get("name", "synth_video") != "synth_video":
+        raise ValueError(f"set {name!r} is a real dataset: it needs method.data.backend=stream")
+    counts = split_counts(int(d["n_videos_per_class"]), d.get("split_fractions", (0.6, 0.2, 0.2)))
+    return synth_clip_arrays(_set_seed(cfg, name), {s: counts[s] for s in splits}, list(spec["manipulations"]),
+                             int(d["frames_per_video"]), int(d["clip_len"]), int(d["size"]),
+                             float(spec.get("strength", d.get("strength", 1.0))), vid_offset=vid_offset)
+
+
+_REPORTS: list = []  # keep the data plane's bad-file reports (and any local S3 server) alive
+
+
+def _stream_set(cfg: dict, name: str, splits, vid_offset: int) -> dict:
+    """Ray Datasets of one set through the data plane (streamed; decoded when iterated)."""
+    from trustlab.platform.data.video import clip_datasets
+
+    dsets, report = clip_datasets(stream_config(cfg, name), splits=tuple(splits), seed=_set_seed(cfg, name),
+                                  s3_endpoint=cfg["run"].get("s3_endpoint"))
+    _REPORTS.append((name, report))
+    return dsets
+
+
+def bad_file_summary() -> dict:
+    """``{set: report summary}`` of the data plane's bad-file reports of this process."""
+    out = {}
+    for name, rep in _REPORTS:
+        try:
+            out[name] = {"bad_files": rep.bad_files(), "stats": rep.stats()}
+        except Exception as e:  # noqa: BLE001 - a report is best effort
+            out[name] = {"error": repr(e)}
+    return out
+
+
+def build_video_data(cfg: dict, unlabelled_targets: bool = False) -> dict:
+    """Splits of the cross-dataset protocol: ``train``/``val``/``test`` from the source set,
+    ``target:<name>`` (test videos) for each target and, when ``unlabelled_targets``,
+    ``unlabelled:<name>`` (the target's train videos; its labels are still attached here and must
+    be removed by the stage that uses it, see ``mask_labels``)."""
+    source, targets = protocol(cfg)
+    load = _stream_set if backend(cfg) == "stream" else _memory_set
+    out = dict(load(cfg, source, ("train", "val", "test"), 0))
+    for i, t in enumerate(targets):
+        got = load(cfg, t, ("train", "test") if unlabelled_targets else ("test",), (i + 1) * 1_000_000)
+        out[f"target:{t}"] = got["test"]
+        if unlabelled_targets:
+            out[f"unlabelled:{t}"] = got["train"]
+    return out
+
+
+def real_only(split):
+    """Keep label-0 (real) rows of a split (arrays or Dataset)."""
+    if isinstance(split, dict):
+        keep = np.asarray(split["y"]) == 0
+        return {k: np.asarray(v)[keep] for k, v in split.items()}
+    return split.filter(lambda row: int(row["y"]) == 0)
+
+
+UNLABELLED = -1
+TRAIN_COLUMNS = ("x", "vid", "clip")  # the only columns besides y / domain a mixed training split keeps
+
+
+def _keep_columns(batch: dict, y, domain: int) -> dict:
+    n = len(batch["x"])
+    out = {k: np.asarray(batch[k]) for k in TRAIN_COLUMNS if k in batch}
+    out["y"] = np.asarray(y, np.int64) if y is not None else np.full(n, UNLABELLED, np.int64)
+    out["domain"] = np.full(n, domain, np.int64)
+    return out
+
+
+def mask_labels(split, domain: int = 1):
+    """The split reduced to ``x, vid, clip``, with ``y`` = ``UNLABELLED`` (-1) for every row and
+    a ``domain`` column. The labels and every column that could reveal them (``manipulation``,
+    ``source``, ``video_id`` ...) are dropped, not renamed."""
+    if isinstance(split, dict):
+        return _keep_columns(split, None, domain)
+    return split.map_batches(lambda b: _keep_columns(b, None, domain), batch_format="numpy")
+
+
+def with_domain(split, domain: int = 0):
+    """The labelled split reduced to the same columns as ``mask_labels`` (keeping ``y``)."""
+    if isinstance(split, dict):
+        return _keep_columns(split, split["y"], domain)
+    return split.map_batches(lambda b: _keep_columns(b, b["y"], domain), batch_format="numpy")
+
+
+def concat_splits(a, b):
+    """Rows of ``a`` then ``b`` (common keys only); arrays or Datasets (block order randomised)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = [k for k in a if k in b]
+        return {k: np.concatenate([np.asarray(a[k]), np.asarray(b[k])]) for k in keys}
+    return a.union(b).randomize_block_order()
+
+
+# ----------------------------------------------------------------------------- tensors
+MEAN = torch.tensor([0.5, 0.5, 0.5]).view(1, 1, 3, 1, 1)
+STD = torch.tensor([0.25, 0.25, 0.25]).view(1, 1, 3, 1, 1)
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """Clip batch in [0, 1] (B, T, 3, H, W) -> standardised."""
+    return (x - MEAN.to(x.device, x.dtype)) / STD.to(x.device, x.dtype)
+
+
+def augment_clip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Clip-consistent augmentation (the same for every frame of a clip, so it adds no temporal
+    inconsistency): horizontal flip and brightness/contrast jitter per clip."""
+    b = x.shape[0]
+    dev = x.device
+    flip = torch.rand(b, generator=gen).to(dev) < 0.5
+    x = torch.where(flip.view(b, 1, 1, 1, 1), x.flip(-1), x)
+    gain = (1 + 0.2 * (torch.rand(b, generator=gen) - 0.5)).to(dev).view(b, 1, 1, 1, 1)
+    bias = (0.1 * (torch.rand(b, generator=gen) - 0.5)).to(dev).view(b, 1, 1, 1, 1)
+    return (x * gain + bias).clamp(0, 1)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, extra_neg: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE: row i of ``a`` must pick row i of ``b`` among all rows of ``b`` (and, when given,
+    its own row of ``extra_neg`` as a hard negative)."""
+    a = F.normalize(a, dim=-1)
+    b = F.normalize(b, dim=-1)
+    logits = a @ b.t() / temperature
+    if extra_neg is not None:
+        hard = (a * F.normalize(extra_neg, dim=-1)).sum(-1, keepdim=True) / temperature
+        logits = torch.cat([logits, hard], dim=1)
+    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
+
+
+class FrameTokens(torch.nn.Module):
+    """Per-frame timm CNN -> spatial feature map -> 1x1 projection: ``(B, T, h*w, D)`` tokens.
+    Random init (``pretrained=False``); weights only from ``weights`` (local or s3://)."""
+
+    def __init__(self, cnn: str, out_index: int, dim: int, weights: str | None = None, s3_endpoint=None):
+        super().__init__()
+        import timm
+
+        self.cnn = timm.create_model(cnn, pretrained=False, features_only=True, out_indices=(out_index,))
+        if weights:
+            from trustlab.platform.checkpoints import load_state
+
+            sd = load_state(weights, s3_endpoint)
+            self.cnn.load_state_dict(sd.get("model", sd), strict=False)
+        self.proj = torch.nn.Conv2d(self.cnn.feature_info.channels()[-1], dim, 1)
+        self.reduction = self.cnn.feature_info.reduction()[-1]
+
+    def grid(self, size: int) -> int:
+        return int(math.ceil(size / self.reduction))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape[:2]
+        f = self.proj(self.cnn(normalise(x).flatten(0, 1))[-1])  # (B*T, D, h, w)
+        return f.flatten(2).transpose(1, 2).reshape(b, t, -1, f.shape[1])
+
+
+def clip_summary(h: torch.Tensor) -> torch.Tensor:
+    """(B, T, P, D) spatiotemporal representation -> (B, 2D): its mean, and the mean absolute
+    change of the per-frame representation between consecutive frames (what shuffling the
+    frames or per-frame forgery flicker disturbs)."""
+    per_frame = h.mean(2)
+    if h.shape[1] < 2:
+        return torch.cat([per_frame.mean(1), torch.zeros_like(per_frame[:, 0])], -1)
+    return torch.cat([per_frame.mean(1), (per_frame[:, 1:] - per_frame[:, :-1]).abs().mean(1)], -1)
+
+
+
+# ----------------------------------------------------------------------------- plain-PyTorch runner
+def iter_batches(split: dict, bs: int, order=None):
+    n = len(split["y"])
+    idx = np.arange(n) if order is None else order
+    for s in range(0, len(idx), bs):
+        j = idx[s : s + bs]
+        yield {k: np.asarray(v)[j] for k, v in split.items()}
+
+
+def local_fit(method, cfg: dict, data: dict, stages=None, epochs: int | None = None, seed: int = 0,
+              init_state: dict | None = None, log=None):
+    """Train ``stages`` in one process, the generic loop's logic with one worker (seeded
+    permutation per epoch, ``stage_data``, ``loss_step``, the method's optimizer; the last
+    epoch's model goes on to the next stage). For tests and benchmarks; the platform trains
+    through Ray Train. Returns ``(model, {stage: [mean train loss parts per epoch]})``."""
+    stages = list(stages or method.stages(cfg))
+    history = {}
+    state = init_state
+    model = None
+    for stage in stages:
+        torch.manual_seed(seed)
+        model = method.build_model(cfg, stage)
+        if state is not None:
+            model.load_state_dict(state, strict=False)
+        sd = method.stage_data(cfg, stage, data)
+        opt = method.configure_optimizer(model, cfg, stage)
+        params = [p for p in model.parameters() if p.requires_grad]
+        bs = int(cfg["trainer"]["batch_size"])
+        n_ep = int(epochs if epochs is not None else method.stage_epochs(cfg, stage))
+        history[stage] = []
+        for ep in range(n_ep):
+            model.train()
+            perm = np.random.default_rng(seed + 1000 * ep).permutation(len(sd["train"]["y"]))
+            sums, steps = {}, 0
+            for b in iter_batches(sd["train"], bs, perm):
+                out = method.loss_step(model, method.to_batch(b), stage, cfg)
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if cfg["trainer"].get("grad_clip"):
+                    torch.nn.utils.clip_grad_norm_(params, float(cfg["trainer"]["grad_clip"]))
+                opt.step()
+                steps += 1
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            history[stage].append({k: v / max(1, steps) for k, v in sums.items()})
+            if log:
+                log(stage, ep, history[stage][-1])
+        state = model.state_dict()
+    return model, history
+
+
+def score(method, model, split: dict, cfg: dict, bs: int = 64) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for b in iter_batches(split, bs):
+            out.append(method.predict(model, method.to_batch(b), cfg).float().cpu().numpy().reshape(-1))
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- after_train report
+def _short(m: dict) -> dict:
+    return {lvl: {k: m[lvl][k] for k in ("auc", "ap", "eer", "acc", "n")} for lvl in ("frame", "video")}
+
+
+def evaluate_protocol(method, model, data: dict, cfg: dict) -> dict:
+    """``{"test": in-domain metrics, "cross_domain": {target: metrics}}`` (frame and video level)."""
+    from trustlab.platform.evaluate import evaluate_split
+
+    out = {"cross_domain": {}}
+    if "test" in data:
+        out["test"] = _short(evaluate_split(method, model, data["test"], cfg)[0])
+    for k, split in data.items():
+        if k.startswith("target:"):
+            out["cross_domain"][k.split(":", 1)[1]] = _short(evaluate_split(method, model, split, cfg)[0])
+    return out
+
+
+def run_ablations(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
+    """Train every variant of ``method.ablation.variants`` through the same Ray Train stages as
+    the main run (same data, seed and epochs; only the variant's overrides differ) and evaluate
+    it in-domain and cross-domain. A variant may retrain only some ``stages``, initialised from
+    the main model's parameters whose names start with ``init_prefix`` (e.g. a frozen backbone)."""
+    from trustlab.platform import checkpoints as ck
+    from trustlab.platform.config import apply_dotted
+    from trustlab.platform.train import checkpoint_uri, fit_stage, load_model
+
+    ab = cfg["method"].get("ablation", {}) or {}
+    out = {}
+    for variant, spec in (ab.get("variants") or {}).items():
+        cfg2 = apply_dotted(cfg, dict(spec.get("overrides") or {}))
+        cfg2["method"]["ablation"] = {"enabled": False, "variants": {}}
+        stages = list(spec.get("stages") or method.stages(cfg2))
+        init_from = None
+        if spec.get("init_prefix"):
+            full = ck.unwrap(model).state_dict()
+            keep = {k: v for k, v in full.items() if k.startswith(spec["init_prefix"])}
+            init_from = ck.temp_dir()
+            ck.save_state(init_from, model=keep, stage="init", epoch=0)
+        print(f"[ablation] {variant}: stages {stages}, overrides {spec.get('overrides')}", flush=True)
+        state = None
+        for stage in stages:
+            _, best = fit_stage(cfg2, stage, data, f"{cfg['run']['name']}-abl-{variant}", run_dir, init_from=init_from)
+            init_from = checkpoint_uri(best, cfg2)
+        state = ck.load_state(init_from, cfg["run"].get("s3_endpoint"))
+        _, m2 = load_model(cfg2, state)
+        res = evaluate_protocol(method, m2, data, cfg2)
+        res["overrides"] = dict(spec.get("overrides") or {})
+        res["what"] = spec.get("what", "")
+        out[variant] = res
+    return out
+
+
+def video_report(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
+    """The ``after_train`` entries shared by the video methods: protocol, cross-domain metrics,
+    robustness sweep (table + plot), ablation runs; also prints and writes ``video_summary.txt``."""
+    from trustlab.platform import robustness
+
+    source, targets = protocol(cfg)
+    model.eval()
+    full = evaluate_protocol(method, model, data, cfg)
+    out = {"protocol": {"source": source, "targets": targets, "backend": backend(cfg),
+                        "sets": {n: cfg["method"]["data"]["sets"][n] for n in [source, *targets]}},
+           "cross_domain": full["cross_domain"]}
+    rb = cfg["method"].get("robustness", {}) or {}
+    if rb.get("enabled", True) and "test" in data:
+        levels = rb.get("levels") or robustness.DEFAULT_LEVELS
+        res = robustness.sweep(method, model, data["test"], cfg, run_dir, levels=levels, prefix="robustness",
+                               seed=int(cfg["seed"]), title=f"{cfg['method']['name']}: robustness on {source} test")
+        out["robustness"] = {"split": f"test ({source})", "table": os.path.basename(res["csv"]),
+                             "plot": os.path.basename(res["png"]), "rows": res["rows"]}
+    ab = cfg["method"].get("ablation", {}) or {}
+    if ab.get("enabled") and ab.get("variants"):
+        if cfg.get("mode") == "train":
+            out["ablation"] = {"full": {**full, "what": "the method as configured"}}
+            out["ablation"].update(run_ablations(method, cfg, model, data, run_dir))
+        else:
+            out["ablation"] = {"skipped": f"ablations are trained in mode=train only (mode={cfg.get('mode')})"}
+    lines = summary_lines(out, full)
+    with open(os.path.join(run_dir, "video_summary.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    out["summary_lines"] = lines
+    return out
+
+
+def summary_lines(out: dict, full: dict) -> list[str]:
+    def fmt(m):
+        return f"frame AUC {m['frame']['auc']:.4f}  video AUC {m['video']['auc']:.4f}"
+
+    p = out["protocol"]
+    lines = [f"protocol: train on {p['source']}, cross-domain test on {', '.join(p['targets']) or '-'} ({p['backend']} data)"]
+    for t, m in out["cross_domain"].items():
+        lines.append(f"cross-domain {t}: {fmt(m)}")
+    if "robustness" in out:
+        worst = {}
+        for r in out["robustness"]["rows"]:
+            if r["kind"] not in worst or r["video_auc"] < worst[r["kind"]][1]:
+                worst[r["kind"]] = (r["level"], r["video_auc"])
+        lines.append("robustness (video AUC at the strongest level): " + ", ".join(
+            f"{k}@{lv} {a:.3f}" for k, (lv, a) in worst.items()) + f"  -> {out['robustness']['table']}, {out['robustness']['plot']}")
+    for v, r in (out.get("ablation") or {}).items():
+        if isinstance(r, dict) and "test" in r:
+            cd = "; ".join(f"{t} {m['video']['auc']:.4f}" for t, m in r["cross_domain"].items())
+            lines.append(f"ablation {v}: in-domain {fmt(r['test'])}; cross-domain video AUC {cd or '-'}")
+        elif isinstance(r, str):
+            lines.append(f"ablation: {r}")
+    return lines
+
+
+def frames_to_clip(images: list, cfg: dict) -> torch.Tensor:
+    """Decoded RGB uint8 frames (HxWx3, face crops) -> ``(1, T, 3, S, S)`` float clip: resized to
+    ``method.data.size``, ``method.data.clip_len`` frames sampled uniformly (repeated if fewer)."""
+    import cv2
+
+    d = cfg["method"]["data"]
+    s, t = int(d["size"]), int(d["clip_len"])
+    idx = np.linspace(0, len(images) - 1, t).round().astype(int)
+    fr = [cv2.resize(np.asarray(images[i]), (s, s), interpolation=cv2.INTER_AREA) for i in idx]
+    return torch.from_numpy(np.stack(fr).transpose(0, 3, 1, 2)).float().div_(255.0).unsqueeze(0)
