@@ -161,9 +161,11 @@ def video_clips(video_bytes: bytes, cfg: dict, detector: FaceDetector, train: bo
     out = np.empty((k, t, size, size, 3), np.uint8)
     stats = ClipStats()
     fallbacks = np.zeros(k, np.int64)
+    last = None
     for j in range(k):
         crops, _, st = track_clip(frames[j * t : (j + 1) * t], detector, size, float(cfg["face_scale"]),
-                                  int(cfg["smooth"]))
+                                  int(cfg["smooth"]), start=last)
+        last = st.last_face
         out[j] = crops
         stats.add(st)
         fallbacks[j] = st.fallback
@@ -275,11 +277,16 @@ class BadFileReport:
         return "\n".join(lines)
 
     def close(self) -> None:
+        """Kill the report actor and stop a local S3 server started for ``store=s3``."""
         if self.use_ray and self.actor is not None:
             import ray
 
             ray.kill(self.actor)
             self.actor = None
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.stop()
+            self._server = None
 
 
 # ----------------------------------------------------------------------------- the UDF

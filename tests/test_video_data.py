@@ -1,0 +1,269 @@
+"""Video data plane without Ray: sampling, decoding, face tracking and fallbacks, the real
+1080p clip, the synthetic set, manifest adapters on tiny FF++/Celeb-DF/DFDC trees, bad files.
+The Ray Data / S3 / Ray Train path is in ``test_video_ray.py``."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from trustlab.platform.data import faces as F
+from trustlab.platform.data.synth_video import build_synth_video_manifest, render_video, shared_real_dir
+from trustlab.platform.data.video import BadFileReport, decode_sampled, iter_clips, sample_indices
+
+SMALL = dict(n_videos_per_class=8, manipulations=["blend", "warp", "color", "texture"], n_frames=24, frame_size=64)
+CLIPS = dict(frames_per_video=8, clip_len=4, stride=1, size=32, num_decoders=1, decode_cpus=0.25)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthvid")
+    man = build_synth_video_manifest(str(root), seed=3, n_videos_per_class=SMALL["n_videos_per_class"],
+                                     manipulations=SMALL["manipulations"], n_frames=SMALL["n_frames"],
+                                     size=SMALL["frame_size"])
+    return str(root), man
+
+
+def data_cfg(root, **kw):
+    return dict(name="synth_video", root=root, synth=dict(SMALL), **CLIPS, **kw)
+
+
+# ----------------------------------------------------------------------------- sampling / decoding
+def test_sample_indices_uniform_clips_and_offsets():
+    ev = sample_indices(100, 32)
+    assert len(ev) == 32 and np.all(np.diff(ev) > 0) and ev[0] < 4 and ev[-1] > 95
+    np.testing.assert_array_equal(ev, sample_indices(100, 32))  # eval is deterministic
+    c = sample_indices(40, 16, clip_len=8, stride=2).reshape(2, 8)
+    assert np.all(np.diff(c, axis=1) == 2)  # T frames `stride` apart
+    starts = []
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        tr = sample_indices(40, 16, clip_len=8, stride=1, train=True, rng=rng).reshape(2, 8)
+        assert np.all(np.diff(tr, axis=1) == 1) and tr.max() <= 39 and tr.min() >= 0
+        assert tr[0, 0] < 16 <= tr[1, 0]  # each clip inside its own segment of the valid starts
+        starts.append(tuple(tr[:, 0]))
+    assert len(set(starts)) > 50  # random offsets for training
+    short = sample_indices(5, 8, clip_len=8, stride=1)
+    assert len(short) == 8 and short.max() == 4  # a short video repeats its last frame
+
+
+def test_decode_sampled_matches_full_decode(synth):
+    import av
+
+    _, man = synth
+    uri = pd.read_csv(man)["uri"].iloc[0]
+    data = open(uri, "rb").read()
+    with av.open(io.BytesIO(data)) as c:
+        full = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    idx = [20, 3, 3, 11]
+    got = decode_sampled(data, idx)
+    assert got.shape == (4, 64, 64, 3) and got.dtype == np.uint8
+    err = np.abs(got.astype(int) - full[idx].astype(int)).mean(axis=(1, 2, 3))
+    other = np.abs(got[0].astype(int) - full[19].astype(int)).mean()
+    assert err.max() < 3.0 and other > err[0]  # the requested frames, in the requested order
+
+
+# ----------------------------------------------------------------------------- faces
+def test_box_geometry_and_smoothing():
+    sq = F.to_square((10, 20, 30, 40))
+    np.testing.assert_allclose(sq, [25, 40, 40])
+    assert F.enlarge((50, 50, 20), 1.3, 100, 100) == (37, 37, 63, 63)
+    assert F.enlarge((5, 5, 20), 1.3, 100, 100) == (0, 0, 26, 26)  # shifted inside, not shrunk
+    jitter = np.array([[50 + (-1) ** i * 4, 50, 20] for i in range(9)], float)
+    sm = F.smooth_squares(jitter, 5)
+    assert np.abs(np.diff(sm[:, 0])).max() < np.abs(np.diff(jitter[:, 0])).max() / 3
+    assert F.largest(np.array([[0, 0, 5, 5], [1, 1, 9, 9], [2, 2, 7, 7]]))[2] == 9
+
+
+def test_fallbacks_are_counted_never_dropped():
+    a = np.array([10.0, 10.0, 8.0])
+    sq, st = F.fill_missing([None, a, None, None, a + 1], 64, 64)
+    assert (st.frames, st.detected, st.fallback_prev, st.fallback_centre) == (5, 2, 3, 0)
+    np.testing.assert_allclose(sq[0], a)  # leading gap takes the first detection
+    np.testing.assert_allclose(sq[3], a)  # later gaps take the previous box
+    sq, st = F.fill_missing([None] * 4, 80, 60)
+    assert st.fallback_centre == 4 and np.allclose(sq[:, :2], [40, 30])
+
+
+def test_track_clip_on_synthetic_faces_counts_blank_frames(synth):
+    _, man = synth
+    uri = pd.read_csv(man)["uri"].iloc[0]
+    frames = decode_sampled(open(uri, "rb").read(), list(range(8)))
+    frames[2] = 128  # no face in frames 2 and 5
+    frames[5] = 128
+    det = F.FaceDetector()
+    crops, boxes, st = F.track_clip(frames, det, 48)
+    assert crops.shape == (8, 48, 48, 3)  # every frame is kept
+    assert st.detected == 6 and st.fallback_prev == 2 and st.frames == 8
+    # the box follows the face: its centre is near the frame centre where faces are drawn
+    c = (boxes[:, :2] + boxes[:, 2:]) / 2
+    assert np.abs(c - 32).max() < 12
+
+
+def test_real_video_faces_in_most_sampled_frames():
+    real = shared_real_dir()
+    path = os.path.join(real or "", "multiface_video.mp4")
+    if not real or not os.path.exists(path):
+        pytest.skip("shared/data/real/multiface_video.mp4 not present")
+    data = open(path, "rb").read()
+    idx = sample_indices(105, 16)
+    frames = decode_sampled(data, idx)
+    assert frames.shape == (16, 1080, 1920, 3)
+    det = F.FaceDetector(detect_width=640)
+    found = np.array([len(det.detect(f)) > 0 for f in frames])
+    # measured: whole-frame passes find a face in 31/32 (0.97) of 32 uniformly sampled frames at
+    # detect_width 640; tracking near the last face in 27/32 (0.84). Asserted: >= 0.75 of 16.
+    assert found.mean() >= 0.75, found
+    crops, boxes, st = F.track_clip(frames, det, 64)
+    assert crops.shape == (16, 64, 64, 3) and st.frames == 16
+    assert st.detected >= 12 and st.fallback == 16 - st.detected  # every miss is counted
+    side = boxes[:, 2] - boxes[:, 0]
+    assert side.min() >= 40 and side.max() < 600  # face-sized crops, not the whole 1080p frame
+
+
+# ----------------------------------------------------------------------------- synthetic set
+def test_synth_set_layout_determinism_and_planted_signal(synth, tmp_path):
+    root, man = synth
+    df = pd.read_csv(man)
+    assert list(df.columns[:7]) == ["uri", "label", "split", "video_id", "source", "manipulation", "compression"]
+    assert len(df) == 16 and df["label"].sum() == 8 and df["video_id"].is_unique
+    assert set(df.loc[df.label == 1, "manipulation"]) == {"blend", "warp", "color", "texture"}
+    assert set(df.loc[df.label == 0, "manipulation"]) == {"none"}
+    assert set(df["split"]) == {"train", "val", "test"}
+    with open(df["uri"].iloc[0], "rb") as f:
+        assert f.read(12)[4:8] == b"ftyp"  # an mp4 container
+    # cached by parameters: same call returns the same path without rewriting
+    assert build_synth_video_manifest(root, seed=3, n_videos_per_class=8, manipulations=SMALL["manipulations"],
+                                      n_frames=24, size=64) == man
+    # deterministic by seed: a fresh build elsewhere gives byte-identical files
+    again = pd.read_csv(build_synth_video_manifest(str(tmp_path), seed=3, n_videos_per_class=8,
+                                                   manipulations=SMALL["manipulations"], n_frames=24, size=64))
+    h = lambda p: hashlib.sha1(open(p, "rb").read()).hexdigest()  # noqa: E731
+    assert [h(p) for p in df["uri"]] == [h(p) for p in again["uri"]]
+    # the fake differs from the real rendering of the same motion inside the face, not around it
+    from trustlab.platform.data.synth_video import face_patches
+
+    (_, tgt), (_, don) = face_patches()[:2]
+    real = render_video(np.random.default_rng(7), tgt, None, "none", 12, 64).astype(float)
+    for m in ("blend", "warp", "color", "texture"):
+        fake = render_video(np.random.default_rng(7), tgt, don, m, 12, 64).astype(float)
+        d = np.abs(fake - real).mean(axis=(0, 3))
+        assert d[24:40, 24:40].mean() > 3 * d[:8, :].mean(), m
+
+
+# ----------------------------------------------------------------------------- manifests
+def _touch(root, rel, data=b""):
+    p = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    with open(p, "wb") as f:
+        f.write(data)
+
+
+def test_ffpp_adapter(tmp_path):
+    import json
+
+    from trustlab.platform.data.manifests import ffpp_manifest
+
+    r = str(tmp_path)
+    for c in ("c23", "c40"):
+        for v in ("000", "001", "002", "003"):
+            _touch(r, f"original_sequences/youtube/{c}/videos/{v}.mp4")
+        for t in ("Deepfakes", "FaceSwap"):
+            for v in ("000_001", "001_000", "002_003", "003_002"):
+                _touch(r, f"manipulated_sequences/{t}/{c}/videos/{v}.mp4")
+    _touch(r, "original_sequences/actors/c23/videos/01__walking.mp4")
+    _touch(r, "splits/train.json", json.dumps([["000", "001"]]).encode())
+    _touch(r, "splits/val.json", json.dumps([]).encode())
+    _touch(r, "splits/test.json", json.dumps([["002", "003"]]).encode())
+    df = ffpp_manifest(r, compressions=["c23"])
+    assert len(df) == 4 + 8 + 1 and set(df["compression"]) == {"c23"}
+    row = lambda vid: df.set_index("video_id").loc[vid]  # noqa: E731
+    assert row("original/youtube/c23/000")["split"] == "train" and row("original/youtube/c23/000")["label"] == 0
+    assert row("Deepfakes/c23/003_002")["split"] == "test" and row("Deepfakes/c23/003_002")["label"] == 1
+    assert row("FaceSwap/c23/001_000")["manipulation"] == "FaceSwap"
+    assert row("original/actors/c23/01__walking")["split"] == "unassigned"
+    assert row("Deepfakes/c23/000_001")["uri"].endswith("manipulated_sequences/Deepfakes/c23/videos/000_001.mp4")
+    both = ffpp_manifest(r, compressions=["c23", "c40"], manipulations=["Deepfakes"])
+    assert len(both) == 2 * (4 + 4) + 1 and set(both["manipulation"]) == {"none", "Deepfakes"}
+
+
+def test_celebdf_adapter(tmp_path):
+    from trustlab.platform.data.manifests import celebdf_manifest
+
+    r = str(tmp_path)
+    for rel in ("Celeb-real/id0_0000.mp4", "Celeb-real/id1_0000.mp4", "YouTube-real/00000.mp4",
+                "YouTube-real/00001.mp4", "Celeb-synthesis/id0_id1_0000.mp4", "Celeb-synthesis/id1_id0_0000.mp4"):
+        _touch(r, rel)
+    _touch(r, "List_of_testing_videos.txt", b"1 YouTube-real/00001.mp4\n0 Celeb-synthesis/id1_id0_0000.mp4\n")
+    df = celebdf_manifest(r, val_fraction=0.0)
+    assert len(df) == 6
+    t = df[df.split == "test"].set_index("video_id")
+    assert set(t.index) == {"YouTube-real/00001", "Celeb-synthesis/id1_id0_0000"}
+    assert t.loc["YouTube-real/00001", "label"] == 0 and t.loc["Celeb-synthesis/id1_id0_0000", "label"] == 1
+    assert set(df[df.split != "test"]["split"]) == {"train"}
+    assert set(celebdf_manifest(r, val_fraction=1.0).query("split != 'test'")["split"]) == {"val"}
+
+
+def test_dfdc_adapter(tmp_path):
+    import json
+
+    from trustlab.platform.data.manifests import dfdc_manifest
+
+    r = str(tmp_path)
+    for part, names in (("dfdc_train_part_0", ("a", "b", "c")), ("dfdc_train_part_1", ("d", "e"))):
+        meta = {}
+        for n in names:
+            _touch(r, f"{part}/{n}.mp4")
+        meta = {"a.mp4": {"label": "REAL", "split": "train"},
+                "b.mp4": {"label": "FAKE", "split": "train", "original": "a.mp4"},
+                "c.mp4": {"label": "FAKE", "split": "train", "original": "a.mp4"}} if part.endswith("0") else \
+               {"d.mp4": {"label": "REAL", "split": "train"},
+                "e.mp4": {"label": "FAKE", "split": "train", "original": "d.mp4"}}
+        _touch(r, f"{part}/metadata.json", json.dumps(meta).encode())
+    df = dfdc_manifest(r, test_parts=["dfdc_train_part_1"]).set_index("video_id")
+    assert len(df) == 5 and df["label"].sum() == 3
+    assert df.loc["dfdc_train_part_1/e", "split"] == "test" and df.loc["dfdc_train_part_0/b", "split"] == "train"
+    by_frac = dfdc_manifest(r, val_fraction=0.5, test_fraction=0.0, seed=1).set_index("video_id")
+    # a fake follows its original into the same split
+    assert by_frac.loc["dfdc_train_part_0/b", "split"] == by_frac.loc["dfdc_train_part_0/a", "split"]
+    assert by_frac.loc["dfdc_train_part_1/e", "split"] == by_frac.loc["dfdc_train_part_1/d", "split"]
+
+
+# ----------------------------------------------------------------------------- bad files
+def corrupt_manifest(synth, tmp_path):
+    """30 videos, 3 of them bad (truncated, zero-byte, not a video): exactly 10%."""
+    _, man = synth
+    df = pd.read_csv(man)
+    good = df.copy()
+    extra = df.iloc[:14].copy()  # re-list 14 videos under other ids -> 30 rows in all
+    extra["video_id"] = [v + "_dup" for v in extra["video_id"]]
+    rows = pd.concat([good, extra], ignore_index=True)
+    d = tmp_path / "bad"
+    d.mkdir()
+    data = open(df["uri"].iloc[0], "rb").read()
+    (d / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "notes.mp4").write_bytes(b"this is a text file, not a video\n" * 20)
+    bad = [str(d / "truncated.mp4"), str(d / "empty.mp4"), str(d / "notes.mp4")]
+    for i, u in zip((3, 11, 25), bad):
+        rows.loc[i, "uri"] = u
+    rows["split"] = "test"
+    p = tmp_path / "manifest_bad.csv"
+    rows.to_csv(p, index=False)
+    return str(p), sorted(bad), len(rows)
+
+
+def test_bad_files_named_in_process(synth, tmp_path):
+    man, bad, n = corrupt_manifest(synth, tmp_path)
+    rep = BadFileReport(use_ray=False)
+    rows = sum(len(b["y"]) for b in iter_clips(dict(manifest=man, **CLIPS), "test", report=rep))
+    assert rows == (n - 3) * 2
+    assert rep.bad_uris("test") == bad
+    reasons = {b["uri"]: b["reason"] for b in rep.bad_files()}
+    assert reasons[[u for u in bad if u.endswith("empty.mp4")][0]] == "zero-byte file"
+
+
