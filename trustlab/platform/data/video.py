@@ -13,7 +13,7 @@ finds and smooths the face boxes (``faces.track_clip``) and emits one row per cl
 ====================  ==============================================================
 ``x``                 uint8 (T, 3, size, size) face-crop clip, RGB
 ``y``                 int64 label, 1 = fake
-``vid``               int64 stable video id = row index of the video in the manifest
+``vid``               int64 stable video id = row index of the video in the manifest (+ ``vid_offset``)
 ``clip``              int64 clip index within the video (0..K-1)
 ``frames``            int64 (T,) decoded frame numbers
 ``n_fallback``        int64 frames of this clip whose box is a fallback (counted, not dropped)
@@ -77,6 +77,7 @@ DEFAULTS = {
     "decode_cpus": 0.5,          # CPUs reserved per decoding actor
     "files_per_batch": 2,        # videos per map_batches call
     "keep_manipulations": {},    # {split: [types]}: fakes of other types are left out of that split
+    "vid_offset": 0,             # added to every vid (keeps ids of several data sets apart)
     "adapter": {},               # extra keyword arguments of the dataset adapter
     "synth": {                   # the synthetic set (name=synth_video)
         "n_videos_per_class": 40, "manipulations": ["blend", "warp", "color", "texture"],
@@ -424,7 +425,7 @@ def resolve_manifest(cfg: dict, seed: int = 0, s3_endpoint: str | None = None) -
 
 def split_frame(df: pd.DataFrame, split: str, cfg: dict) -> pd.DataFrame:
     """Rows of one split (``vid`` = manifest row index), with ``keep_manipulations`` applied."""
-    d = df.assign(vid=np.arange(len(df), dtype=np.int64))
+    d = df.assign(vid=np.arange(len(df), dtype=np.int64) + int(cfg.get("vid_offset") or 0))
     d = d[d["split"] == split]
     keep = (cfg.get("keep_manipulations") or {}).get(split)
     if keep:
