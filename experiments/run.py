@@ -58,7 +58,11 @@ def main(argv: list[str]) -> int:
         from trustlab.platform.tune import sweep
 
         sweep(cfg)
-    elif mode == "serve":
+    elif mode == "serve" and "detectors" in cfg["serve"]:  # serve=graph: the composed detection graph
+        from trustlab.serve.graph import serve_forever
+
+        serve_forever(cfg)
+    elif mode == "serve":  # serve=default: one detector from one checkpoint
         from trustlab.serve.app import serve_forever
 
         serve_forever(cfg)
