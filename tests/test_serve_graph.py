@@ -247,6 +247,91 @@ def test_preprocessor_finds_a_real_face_and_reports_bad_input():
     assert bad == {"ok": False, "status": 400, "code": "corrupt_image", "error": bad["error"]}
 
 
+# ----------------------------------------------------------------------------- ingress logic (plain)
+class _Resp:
+    """What a DeploymentHandle call returns: awaitable, cancellable."""
+
+    def __init__(self, coro):
+        self.coro, self.cancelled = coro, False
+
+    def __await__(self):
+        return self.coro.__await__()
+
+    def cancel(self):
+        self.cancelled = True
+        self.coro.close()
+
+
+class _Handle:
+    def __init__(self, **methods):
+        self.calls = []
+        for k, fn in methods.items():
+            setattr(self, k, type("M", (), {"remote": lambda _s, *a, fn=fn: self._call(fn, a)})())
+
+    def _call(self, fn, args):
+        r = _Resp(fn(*args))
+        self.calls.append(r)
+        return r
+
+
+def _core(delays, timeout=0.6, raise_in=()):
+    import asyncio
+
+    from trustlab.serve.graph import GraphCore, settings_from_args
+
+    async def info_of(n):
+        return {"name": n, "method": "f2c", "modality": "image"}
+
+    def det(n, d):
+        async def score(item):
+            await asyncio.sleep(d)
+            if n in raise_in:
+                raise RuntimeError(f"{n} blew up")
+            return {"score": {"a": 0.2, "b": 0.6, "c": 0.9}[n], "units": 1}
+        return _Handle(score=score, info=lambda n=n: info_of(n), ping=lambda: asyncio.sleep(0))
+
+    async def run(req):
+        return {"ok": True, "kind": "image", "inputs": {"image": np.zeros((4, 4, 3), np.uint8)}, "meta": {}, "ms": 0.1}
+
+    s = settings_from_args({"detectors": list(delays), "checkpoint_root": "/m", "request_timeout_s": timeout})
+    handles = {n: det(n, d) for n, d in delays.items()}
+    return GraphCore(_Handle(run=run, ping=lambda: asyncio.sleep(0)), handles, s), handles
+
+
+def test_late_or_raising_detectors_are_reported_failed_and_the_rest_fused():
+    import asyncio
+    import time
+
+    core, handles = _core({"a": 0.0, "b": 0.0, "c": 5.0}, timeout=0.6, raise_in=("b",))
+    t = time.perf_counter()
+    status, body = asyncio.run(core.detect({"data": b"x", "kind": "image"}))
+    took = time.perf_counter() - t
+    assert status == 200 and took < 2.0, (status, took)       # the late detector did not hold the request
+    d = body["detectors"]
+    assert d["a"]["status"] == "ok" and d["b"]["status"] == "failed" and "blew up" in d["b"]["error"]
+    assert d["c"]["status"] == "failed" and "timed out" in d["c"]["error"]
+    assert handles["c"].calls[-1].cancelled                   # and its call was cancelled
+    assert body["score"] == pytest.approx(0.2) and body["degraded"] is True and body["fusion"]["used"] == ["a"]
+    status, body = asyncio.run(core.detect({"data": b"x", "kind": "image", "detectors": "b,c"}))
+    assert status == 503 and body["code"] == "all_detectors_failed"
+
+
+def test_preprocessing_past_the_deadline_is_504():
+    import asyncio
+
+    from trustlab.serve.graph import RequestError
+
+    core, _ = _core({"a": 0.0}, timeout=0.3)
+
+    async def slow_run(req):
+        await asyncio.sleep(5)
+
+    core.pre = _Handle(run=slow_run)
+    with pytest.raises(RequestError) as e:
+        asyncio.run(core.detect({"data": b"x", "kind": "image"}))
+    assert e.value.status == 504 and core.pre.calls[-1].cancelled
+
+
 # ----------------------------------------------------------------------------- fixtures for HTTP
 def _png(seed, size=48):
     from PIL import Image
@@ -276,7 +361,7 @@ def _face_video(path, n_frames, side=128, fps=25):
     return open(path, "rb").read()
 
 
-def _train(method_name, overrides, out_dir, batch_fn, steps=3, nan=False):
+def _train(method_name, overrides, out_dir, batch_fn, steps=2):
     """A checkpoint of ``method_name`` after a few optimizer steps, saved like the platform does."""
     import torch
 
@@ -295,12 +380,20 @@ def _train(method_name, overrides, out_dir, batch_fn, steps=3, nan=False):
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-    model.eval()
-    sd = model.state_dict()
-    if nan:  # a diverged checkpoint: the last layer's bias is NaN
-        last = [k for k in sd if k.endswith("bias")][-1]
-        sd[last] = torch.full_like(sd[last], float("nan"))
-    save_state(str(out_dir), model=sd, epoch=1, stage=stage, cfg=cfg)
+    save_state(str(out_dir), model=model.eval().state_dict(), epoch=1, stage=stage, cfg=cfg)
+    return os.path.join(str(out_dir), "model.pt")
+
+
+def _diverged_copy(ckpt, out_dir):
+    """The same checkpoint with a NaN bias in its last layer (a diverged run): every score is NaN."""
+    import torch
+
+    from trustlab.platform.checkpoints import load_state, save_state
+
+    state = load_state(ckpt)
+    last = [k for k in state["model"] if k.endswith("bias")][-1]
+    state["model"][last] = torch.full_like(state["model"][last], float("nan"))
+    save_state(str(out_dir), **state)
     return os.path.join(str(out_dir), "model.pt")
 
 
@@ -328,11 +421,11 @@ def graph(ray_head, tmp_path_factory):
 
     from trustlab.platform.data.s3local import LocalS3, upload_file
     from trustlab.platform.registry import list_methods
-    from trustlab.serve.graph import build_app, http_options, settings_from_args
+    from trustlab.serve.graph import settings_from_args
 
     root = tmp_path_factory.mktemp("serve-graph")
     f2c = _train("f2c", ["method.data.size=32", "method.backbone=resnet10t"], root / "f2c", _f2c_batch)
-    broken = _train("f2c", ["method.data.size=32"], root / "broken", _f2c_batch, nan=True)
+    broken = _diverged_copy(f2c, root / "broken")
     video = None
     if VIDEO_METHOD in list_methods():
         video = _train(VIDEO_METHOD, ["method.data.size=32", "method.data.clip_len=4", "method.vit.depth=1"],
@@ -354,16 +447,40 @@ def graph(ray_head, tmp_path_factory):
         "health_check_period_s": 5.0,
     })
     port = free_port()
-    serve.shutdown()  # Serve's HTTP options are fixed when it starts: start it with ours
-    serve.start(http_options=http_options({**settings, "host": "127.0.0.1", "port": port}))
+    serve.shutdown()  # Serve's HTTP options are fixed when it starts: the config below starts it with ours
+    # deploy the *generated* Serve config with `serve deploy`, as an operator would
+    from trustlab.serve.config_gen import dump, serve_config
+
+    cfg_path = root / "serve_config.yaml"
+    cfg_path.write_text(dump(serve_config({**settings, "app_name": "trustlab-graph-test"}, host="127.0.0.1",
+                                          port=port)))
     try:
-        serve.run(build_app(settings), name="trustlab-graph-test", route_prefix="/", blocking=False)
+        r = subprocess.run([os.path.join(BIN, "serve"), "deploy", str(cfg_path), "-a", ray_head["dashboard"]],
+                           capture_output=True, text=True, env=ray_head["env"], timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        _wait_running("trustlab-graph-test", 400)
         url = f"http://127.0.0.1:{port}"
         assert requests.get(f"{url}/healthz", timeout=60).json()["status"] == "ok"
         yield {"url": url, "f2c": f2c, "broken": broken, "video": video, "s3": s3, "root": root}
     finally:
         serve.shutdown()
         s3.stop()
+
+
+def _wait_running(app, timeout):
+    import time
+
+    from ray import serve
+
+    end, st = time.time() + timeout, None
+    while time.time() < end:
+        st = serve.status().applications.get(app)
+        if st is not None and st.status == "RUNNING":
+            return
+        if st is not None and st.status == "DEPLOY_FAILED":
+            raise AssertionError(f"deploy failed: {st.message}")
+        time.sleep(2)
+    raise AssertionError(f"{app} not running after {timeout} s: {st}")
 
 
 def _reference(ckpt):

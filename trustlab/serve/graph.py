@@ -43,8 +43,7 @@ Entry points:
 - ``start(cfg)`` / ``serve_forever(cfg)``: ``mode=serve`` with ``serve=graph``.
 - ``Preprocessor`` and ``DetectorRunner``: the same code without Serve (benchmarks, tools).
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI must resolve the route annotations (Request)
 import asyncio
 import copy
 import inspect
@@ -766,15 +765,94 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@serve.deployment(name="ingress")
-@serve.ingress(api)
-class Ingress:
+async def parse_request(request: Request, s: dict) -> dict:
+    """An HTTP request -> ``{"data" | "uri", "kind", "detectors", "caption"}``, or RequestError."""
+    max_bytes = int(float(s["max_body_mb"]) * 2**20)
+    ctype = request.headers.get("content-type", "")
+    mtype = ctype.split(";")[0].strip().lower()
+    if mtype == "multipart/form-data":
+        body = await _read_body(request, max_bytes + 64 * 1024)
+        if not body:
+            raise RequestError(400, "empty_body", "empty request body (expected a multipart upload in field 'file')")
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartParser
+
+        async def stream():
+            yield body
+
+        try:
+            form = await MultiPartParser(request.headers, stream(), max_files=1, max_fields=8).parse()
+        except Exception as e:  # noqa: BLE001 - MultiPartException, bad boundary, ...
+            raise RequestError(400, "malformed_multipart", f"malformed multipart body: {reason(e)}") from None
+        try:
+            up = form.get("file")
+            if not isinstance(up, UploadFile):
+                raise RequestError(400, "missing_file", "multipart body has no file part named 'file'")
+            data = await up.read()
+            part_type = (up.content_type or "application/octet-stream").split(";")[0].strip().lower()
+            det_field, caption = form.get("detectors"), form.get("caption")
+        finally:
+            await form.close()
+        if len(data) > max_bytes:
+            raise RequestError(413, "body_too_large", f"upload of {len(data)} bytes exceeds the limit of "
+                                                      f"{max_bytes} bytes (max_body_mb)")
+        if not data:
+            raise RequestError(400, "empty_upload", "empty upload: the file has no bytes")
+        if part_type.startswith("image/"):
+            kind = "image"
+        elif part_type.startswith("video/"):
+            kind = "video"
+        elif part_type == "application/octet-stream":
+            kind = None
+        else:
+            raise RequestError(415, "unsupported_media_type",
+                               f"file part has content type {part_type!r}; expected image/*, video/* or "
+                               "application/octet-stream")
+        sel = request.query_params.get("detectors") or (det_field if isinstance(det_field, str) else None)
+        return {"data": data, "uri": None, "kind": kind, "detectors": sel,
+                "caption": caption if isinstance(caption, str) and caption else None}
+    if mtype == "application/json":
+        body = await _read_body(request, int(s["max_json_kb"]) * 1024)
+        if not body.strip():
+            raise RequestError(400, "empty_body", "empty request body (expected a JSON object with 'uri')")
+        try:
+            obj = json.loads(body)
+        except ValueError as e:
+            raise RequestError(400, "malformed_json", f"malformed JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise RequestError(400, "malformed_json", "the JSON body must be an object with 'uri'")
+        extra = sorted(set(obj) - set(JSON_FIELDS))
+        if extra:
+            raise RequestError(400, "bad_request", f"unknown JSON field(s) {extra}; valid: {', '.join(JSON_FIELDS)}")
+        uri = obj.get("uri")
+        if not isinstance(uri, str) or not uri.startswith("s3://") or len(uri) <= len("s3://"):
+            raise RequestError(400, "bad_uri", f"'uri' must be an s3:// URI, got {uri!r}")
+        kind = obj.get("kind")
+        if kind is None:
+            low = uri.lower()
+            kind = "image" if low.endswith(IMAGE_EXT) else "video" if low.endswith(VIDEO_EXT) else None
+        elif kind not in ("image", "video"):
+            raise RequestError(400, "bad_request", f"'kind' must be image or video, got {kind!r}")
+        cap = obj.get("caption")
+        if cap is not None and not isinstance(cap, str):
+            raise RequestError(400, "bad_request", "'caption' must be a string")
+        sel = obj.get("detectors", request.query_params.get("detectors"))
+        return {"data": None, "uri": uri, "kind": kind, "detectors": sel, "caption": cap or None}
+    raise RequestError(415, "unsupported_media_type",
+                       f"content type {mtype or '(none)'!r}; send multipart/form-data (field 'file') "
+                       "or application/json ({\"uri\": \"s3://...\"})")
+
+
+class GraphCore:
+    """What the ingress does with a parsed request, given handles to the preprocessing and
+    detector deployments (anything with ``.method.remote(...)`` returning an awaitable with
+    ``cancel()``): pick detectors, prepare the input, fan out under the deadline, fuse."""
+
     def __init__(self, preprocess, detectors: dict, settings: dict):
         self.pre = preprocess
         self.handles = dict(detectors)
         self.names = [d["name"] for d in settings["detectors"]]
         self.s = settings
-        self.max_bytes = int(float(settings["max_body_mb"]) * 2**20)
         self.threshold = float(settings["threshold"])
         self.timeout = float(settings["request_timeout_s"])
         f = settings["fusion"]
@@ -782,20 +860,25 @@ class Ingress:
         self.fusion = Fusion(f["method"], f["weights"], stacker, self.names)
         self._info: dict = {}
 
-    # -- helpers
-    async def _detector_info(self, name: str, timeout: float):
+    async def call(self, resp, timeout: float):
+        """Await a handle call for at most ``timeout`` seconds (cancelled when late)."""
+        try:
+            return await asyncio.wait_for(_await(resp), max(0.01, timeout))
+        except asyncio.TimeoutError:
+            resp.cancel()
+            raise
+
+    async def detector_info(self, name: str, timeout: float):
         if name not in self._info:
-            resp = self.handles[name].info.remote()
             try:
-                self._info[name] = await asyncio.wait_for(_await(resp), timeout)
+                self._info[name] = await self.call(self.handles[name].info.remote(), timeout)
             except asyncio.TimeoutError:
-                resp.cancel()
                 return RuntimeError(f"unavailable: no answer to info within {timeout:.1f} s")
             except Exception as e:  # noqa: BLE001
                 return RuntimeError(f"unavailable: {reason(e)}")
         return self._info[name]
 
-    def _select(self, sel) -> list[str]:
+    def select(self, sel) -> list[str]:
         if sel is None or sel == "" or sel == []:
             return list(self.names)
         if isinstance(sel, str):
@@ -810,118 +893,37 @@ class Ingress:
                                f"unknown detector(s) {unknown}; this graph serves: {', '.join(self.names)}")
         return list(dict.fromkeys(names))
 
-    async def _parse(self, request: Request) -> dict:
-        ctype = request.headers.get("content-type", "")
-        mtype = ctype.split(";")[0].strip().lower()
-        if mtype == "multipart/form-data":
-            body = await _read_body(request, self.max_bytes + 64 * 1024)
-            if not body:
-                raise RequestError(400, "empty_body", "empty request body (expected a multipart upload in field 'file')")
-            from starlette.datastructures import UploadFile
-            from starlette.formparsers import MultiPartParser
-
-            async def stream():
-                yield body
-
-            try:
-                form = await MultiPartParser(request.headers, stream(), max_files=1, max_fields=8).parse()
-            except Exception as e:  # noqa: BLE001 - MultiPartException, bad boundary, ...
-                raise RequestError(400, "malformed_multipart", f"malformed multipart body: {reason(e)}") from None
-            try:
-                up = form.get("file")
-                if not isinstance(up, UploadFile):
-                    raise RequestError(400, "missing_file", "multipart body has no file part named 'file'")
-                data = await up.read()
-                part_type = (up.content_type or "application/octet-stream").split(";")[0].strip().lower()
-                det_field, caption = form.get("detectors"), form.get("caption")
-            finally:
-                await form.close()
-            if len(data) > self.max_bytes:
-                raise RequestError(413, "body_too_large", f"upload of {len(data)} bytes exceeds the limit of "
-                                                          f"{self.max_bytes} bytes (max_body_mb)")
-            if not data:
-                raise RequestError(400, "empty_upload", "empty upload: the file has no bytes")
-            if part_type.startswith("image/"):
-                kind = "image"
-            elif part_type.startswith("video/"):
-                kind = "video"
-            elif part_type == "application/octet-stream":
-                kind = None
-            else:
-                raise RequestError(415, "unsupported_media_type",
-                                   f"file part has content type {part_type!r}; expected image/*, video/* or "
-                                   "application/octet-stream")
-            sel = request.query_params.get("detectors") or (det_field if isinstance(det_field, str) else None)
-            return {"data": data, "uri": None, "kind": kind, "detectors": sel,
-                    "caption": caption if isinstance(caption, str) and caption else None}
-        if mtype == "application/json":
-            body = await _read_body(request, int(self.s["max_json_kb"]) * 1024)
-            if not body.strip():
-                raise RequestError(400, "empty_body", "empty request body (expected a JSON object with 'uri')")
-            try:
-                obj = json.loads(body)
-            except ValueError as e:
-                raise RequestError(400, "malformed_json", f"malformed JSON: {e}") from None
-            if not isinstance(obj, dict):
-                raise RequestError(400, "malformed_json", "the JSON body must be an object with 'uri'")
-            extra = sorted(set(obj) - set(JSON_FIELDS))
-            if extra:
-                raise RequestError(400, "bad_request", f"unknown JSON field(s) {extra}; valid: {', '.join(JSON_FIELDS)}")
-            uri = obj.get("uri")
-            if not isinstance(uri, str) or not uri.startswith("s3://") or len(uri) <= len("s3://"):
-                raise RequestError(400, "bad_uri", f"'uri' must be an s3:// URI, got {uri!r}")
-            kind = obj.get("kind")
-            if kind is None:
-                low = uri.lower()
-                kind = "image" if low.endswith(IMAGE_EXT) else "video" if low.endswith(VIDEO_EXT) else None
-            elif kind not in ("image", "video"):
-                raise RequestError(400, "bad_request", f"'kind' must be image or video, got {kind!r}")
-            cap = obj.get("caption")
-            if cap is not None and not isinstance(cap, str):
-                raise RequestError(400, "bad_request", "'caption' must be a string")
-            sel = obj.get("detectors", request.query_params.get("detectors"))
-            return {"data": None, "uri": uri, "kind": kind, "detectors": sel, "caption": cap or None}
-        raise RequestError(415, "unsupported_media_type",
-                           f"content type {mtype or '(none)'!r}; send multipart/form-data (field 'file') "
-                           "or application/json ({\"uri\": \"s3://...\"})")
-
-    async def _score(self, name: str, item: dict, deadline: float) -> dict:
+    async def score(self, name: str, item: dict, deadline: float) -> dict:
         t = time.perf_counter()
-        resp = self.handles[name].score.remote(item)
         try:
-            r = await asyncio.wait_for(_await(resp), max(0.01, deadline - time.perf_counter()))
+            r = await self.call(self.handles[name].score.remote(item), deadline - time.perf_counter())
         except asyncio.TimeoutError:
-            resp.cancel()
             return {"status": "failed", "error": f"timed out (request_timeout_s={self.timeout})",
                     "ms": round(1000 * (time.perf_counter() - t), 3)}
         except Exception as e:  # noqa: BLE001 - the replica raised or died
             return {"status": "failed", "error": reason(e), "ms": round(1000 * (time.perf_counter() - t), 3)}
         return {"status": "ok", **r, "ms": round(1000 * (time.perf_counter() - t), 3)}
 
-    # -- routes
-    @api.post("/v1/detect", openapi_extra={"requestBody": _DETECT_BODY}, responses=_DETECT_RESPONSES,
-              summary="Score an image or a video with the selected detectors and fuse the scores")
-    async def detect(self, request: Request):
-        t0 = time.perf_counter()
+    async def detect(self, req: dict, t0: float | None = None) -> tuple[int, dict]:
+        """A parsed request -> ``(HTTP status, JSON body)``; bad input raises RequestError."""
+        t0 = time.perf_counter() if t0 is None else t0
         deadline = t0 + self.timeout
-        req = await self._parse(request)
-        names = self._select(req.pop("detectors"))
+        req = dict(req)
+        names = self.select(req.pop("detectors", None))
+        caption = req.pop("caption", None)
         t_read = time.perf_counter()
         infos = dict(zip(names, await asyncio.gather(
-            *(self._detector_info(n, max(0.01, deadline - time.perf_counter())) for n in names))))
+            *(self.detector_info(n, deadline - time.perf_counter()) for n in names))))
         results = {n: {"status": "failed", "error": str(i)} for n, i in infos.items() if isinstance(i, Exception)}
         live = {n: i for n, i in infos.items() if not isinstance(i, Exception)}
         mods = sorted({i["modality"] for i in live.values()})
-        if live and not modality_needs(req["kind"], mods):
+        if live and not modality_needs(req.get("kind"), mods):
             raise RequestError(422, "no_applicable_detector",
                                f"the selected detectors ({', '.join(live)}) need a video; got an image")
-        caption = req.pop("caption")
-        pre_req = {**req, "modalities": mods or list(MODALITIES)}
-        resp = self.pre.run.remote(pre_req)
         try:
-            pre = await asyncio.wait_for(_await(resp), max(0.01, deadline - time.perf_counter()))
+            pre = await self.call(self.pre.run.remote({**req, "modalities": mods or list(MODALITIES)}),
+                                  deadline - time.perf_counter())
         except asyncio.TimeoutError:
-            resp.cancel()
             raise RequestError(504, "timeout", f"preprocessing missed the deadline (request_timeout_s={self.timeout})") \
                 from None
         except Exception as e:  # noqa: BLE001
@@ -935,7 +937,7 @@ class Ingress:
             if item is None:
                 results[n] = {"status": "skipped", "reason": f"{i['method']} needs a video input"}
             else:
-                tasks[n] = self._score(n, item, deadline)
+                tasks[n] = self.score(n, item, deadline)
         if not tasks and not any(r["status"] == "failed" for r in results.values()):
             raise RequestError(422, "no_applicable_detector", f"no selected detector accepts a {kind} input")
         for n, r in zip(tasks, await asyncio.gather(*tasks.values())):
@@ -946,23 +948,22 @@ class Ingress:
                 "threshold": self.threshold}
         if not ok:
             body.update(error="every applicable detector failed", code="all_detectors_failed")
-            return JSONResponse(body, status_code=503)
+            return 503, body
         try:
             fused = self.fusion(ok)
         except FusionError as e:
             body.update(error=f"fusion failed: {e}", code="fusion_failed")
-            return JSONResponse(body, status_code=503)
+            return 503, body
         t_end = time.perf_counter()
         body.update(score=fused["score"], verdict="fake" if fused["score"] >= self.threshold else "real",
                     fusion=fused, degraded=any(r["status"] == "failed" for r in results.values()),
                     timings_ms={"read": round(1000 * (t_read - t0), 3), "preprocess": round(1000 * (t_pre - t_read), 3),
                                 "preprocess_replica": pre["ms"], "detectors": round(1000 * (t_det - t_pre), 3),
                                 "fusion": round(1000 * (t_end - t_det), 3), "total": round(1000 * (t_end - t0), 3)})
-        return body
+        return 200, body
 
-    @api.get("/v1/detectors", summary="The detectors this graph serves, the fusion and the limits")
-    async def detectors(self):
-        infos = await asyncio.gather(*(self._detector_info(n, 10.0) for n in self.names))
+    async def describe(self) -> dict:
+        infos = await asyncio.gather(*(self.detector_info(n, 10.0) for n in self.names))
         dets = [{"name": n, "status": "unavailable", "error": str(i)} if isinstance(i, Exception)
                 else {"status": "ok", **i} for n, i in zip(self.names, infos)]
         s = self.s
@@ -972,15 +973,12 @@ class Ingress:
                            "request_timeout_s": s["request_timeout_s"]},
                 "video": s["video"]}
 
-    @api.get("/healthz", summary="Liveness of the preprocessing and detector deployments")
-    async def healthz(self):
+    async def health(self) -> tuple[int, dict]:
         async def ping(h):
-            resp = h.ping.remote()
             try:
-                await asyncio.wait_for(_await(resp), 5.0)
+                await self.call(h.ping.remote(), 5.0)
                 return "ok"
             except asyncio.TimeoutError:
-                resp.cancel()
                 return "timeout"
             except Exception as e:  # noqa: BLE001
                 return reason(e)
@@ -989,11 +987,36 @@ class Ingress:
         det = dict(zip(self.names, dets))
         n_ok = sum(v == "ok" for v in det.values())
         status = "ok" if pre == "ok" and n_ok == len(det) else "degraded" if pre == "ok" and n_ok else "unavailable"
-        body = {"status": status, "preprocess": pre, "detectors": det}
-        return JSONResponse(body, status_code=200 if status != "unavailable" else 503)
+        return (200 if status != "unavailable" else 503), {"status": status, "preprocess": pre, "detectors": det}
+
+
+@serve.deployment(name="ingress")
+@serve.ingress(api)
+class Ingress:
+    """The FastAPI ingress: HTTP in and out; the work is GraphCore's."""
+
+    def __init__(self, preprocess, detectors: dict, settings: dict):
+        self.s = settings
+        self.core = GraphCore(preprocess, detectors, settings)
+
+    @api.post("/v1/detect", openapi_extra={"requestBody": _DETECT_BODY}, responses=_DETECT_RESPONSES,
+              summary="Score an image or a video with the selected detectors and fuse the scores")
+    async def detect(self, request: Request):
+        t0 = time.perf_counter()
+        status, body = await self.core.detect(await parse_request(request, self.s), t0)
+        return body if status == 200 else JSONResponse(body, status_code=status)
+
+    @api.get("/v1/detectors", summary="The detectors this graph serves, the fusion and the limits")
+    async def detectors(self):
+        return await self.core.describe()
+
+    @api.get("/healthz", summary="Liveness of the preprocessing and detector deployments")
+    async def healthz(self):
+        status, body = await self.core.health()
+        return JSONResponse(body, status_code=status)
 
     def check_health(self) -> None:
-        if self.fusion is None:
+        if self.core.fusion is None:
             raise RuntimeError("fusion not configured")
 
 
