@@ -503,11 +503,12 @@ def runs_results(run_dirs) -> dict:
     for d in run_dirs:
         with open(os.path.join(d, "metrics.json") if os.path.isdir(d) else d) as f:
             m = json.load(f)
-        name = m.get("method", os.path.basename(os.path.normpath(d)))
+        run = os.path.basename(os.path.normpath(d if os.path.isdir(d) else os.path.dirname(d)))
+        name = m.get("method", run)
+        name = name if name not in out else f"{name} ({run})"
         out[name] = {k: m[k] for k in ("sessions", "average", "pd", "last")}
         for b, r in (m.get("baselines") or {}).items():
-            label = b if b not in out else f"{b} ({name} base)"
-            out[label] = r
+            out[b if b not in out else f"{b} ({run})"] = r
     return out
 
 
