@@ -3,7 +3,8 @@
 On the same files, in one run:
 
 (a) ``raw``      decord decoding of the sampled frames only, from local disk, in this process
-                 (``trustlab.platform.data.video.decode_sampled``, one decoder thread);
+                 (``trustlab.platform.data.video.decode_sampled``, one decoder thread), at the
+                 same decode size as (b) (``--decode-max-side``); also printed at native size;
 (b) ``ray_s3``   the Ray Data pipeline (``clip_datasets``: ``read_binary_files`` from S3 ->
                  decord ``get_batch`` of the sampled frames -> face detection, smoothing, crops)
                  reading from a local moto S3 server, on a local Ray with ``--cpus`` CPUs;
@@ -90,6 +91,20 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        return "?"
+    for key in ("ray::", "gcs_server", "raylet", "dashboard", "log_monitor", "runtime_env", "plasma"):
+        if key in cmd or key in comm:
+            return comm if key == "ray::" else key
+    return "driver" if pid == os.getpid() else comm
+
+
 class TreeMonitor:
     """Samples the process tree under this process: peak summed PSS and CPU seconds per pid."""
 
@@ -98,17 +113,22 @@ class TreeMonitor:
         self.cpu: dict[int, float] = {}
         self.cpu0: dict[int, float] = {}
         self.peak = 0
+        self.peak_parts: list = []
         self._stop = threading.Event()
 
     def _sample(self):
         pids = tree(os.getpid(), self.exclude)
-        tot = 0
+        tot, parts = 0, []
         for p in pids:
-            tot += pss_bytes(p)
+            m = pss_bytes(p)
+            tot += m
+            parts.append((m, p))
             c = cpu_seconds(p)
             self.cpu0.setdefault(p, c)
             self.cpu[p] = max(self.cpu.get(p, 0.0), c)
-        self.peak = max(self.peak, tot)
+        if tot > self.peak:
+            self.peak = tot
+            self.peak_parts = [(m, _name(p)) for m, p in sorted(parts, reverse=True)[:8]]
         return tot
 
     def idle(self) -> int:
@@ -196,7 +216,7 @@ def manifest_for(uris: list[str], path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the three paths
-def run_raw(files, frames: int, clip_len: int, mon_excl) -> dict:
+def run_raw(files, frames: int, clip_len: int, mon_excl, max_side=None) -> dict:
     from trustlab.platform.data.video import decode_sampled, open_video, sample_indices
 
     with TreeMonitor(mon_excl) as m:
@@ -208,7 +228,7 @@ def run_raw(files, frames: int, clip_len: int, mon_excl) -> dict:
             vr = open_video(b)
             idx = sample_indices(len(vr), frames, clip_len, 1)
             del vr
-            n_frames += len(decode_sampled(b, idx))
+            n_frames += len(decode_sampled(b, idx, max_side=max_side))
         wall = time.perf_counter() - t0
     return dict(videos=len(files), frames=n_frames, wall_s=wall, cpu_s=m.cpu_used, peak_pss=m.peak)
 
@@ -258,6 +278,7 @@ def run_ray(manifest_uri, endpoint, cfg: dict, mon_excl) -> dict:
     rep.close()
     return dict(videos=st.get("videos", 0), frames=st.get("frames", 0), clips=clips, wall_s=wall, cpu_s=m.cpu_used,
                 peak_pss=m.peak, idle_pss=idle, peak_above_idle=m.peak - idle, bad=len(bad),
+                peak_breakdown_mib=[(n, round(b / 2**20)) for b, n in m.peak_parts],
                 face_detected=st.get("detected", 0), fallback=st.get("fallback_prev", 0) + st.get("fallback_centre", 0))
 
 
@@ -270,6 +291,8 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=112, help="crop side for (b)")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray for (b)")
     ap.add_argument("--decoders", type=int, default=2, help="decoding actors for (b)")
+    ap.add_argument("--decode-max-side", type=int, default=960,
+                    help="decode size limit of (a) and (b) (the pipeline default); (a) also runs at native size")
     ap.add_argument("--synth-size", type=int, default=256, help="frame side of the synthetic videos")
     ap.add_argument("--synth-frames", type=int, default=96, help="frames per synthetic video")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "video_ingest.json"))
@@ -296,12 +319,13 @@ def main(argv=None):
         man_n = manifest_for(s3_uris[: a.n], os.path.join(work, "man_n.csv"))
         man_4n = manifest_for(s3_uris, os.path.join(work, "man_4n.csv"))
         cfg = dict(frames_per_video=a.frames, clip_len=a.clip_len, size=a.size, num_decoders=a.decoders,
-                   decode_cpus=max(0.1, a.cpus / a.decoders), files_per_batch=1)
+                   decode_cpus=max(0.1, a.cpus / a.decoders), files_per_batch=1, decode_max_side=a.decode_max_side)
         print(f"[video_ingest] {a.set}: N={a.n} ({len(files)} files uploaded), {a.frames} frames/video, "
               f"clips of {a.clip_len}, crops {a.size}px, Ray with {a.cpus} CPUs and {a.decoders} decoders", flush=True)
 
         res = {}
-        res["a_raw_local"] = run_raw(files[: a.n], a.frames, a.clip_len, excl)
+        res["a_raw_local"] = run_raw(files[: a.n], a.frames, a.clip_len, excl, a.decode_max_side)
+        res["a_raw_local_native"] = run_raw(files[: a.n], a.frames, a.clip_len, excl, None)
         print("[video_ingest] (a) done", flush=True)
         res["c_naive_boto3_cv2"] = run_naive(keys[: a.n], bucket, endpoint, a.frames, a.clip_len, excl)
         print("[video_ingest] (c) done", flush=True)
@@ -335,6 +359,8 @@ def main(argv=None):
           f"bad files {b_['bad']}")
     print(f"(b) peak PSS above idle: N={b_['peak_above_idle'] / 2**20:.0f} MiB, "
           f"4N={b4['peak_above_idle'] / 2**20:.0f} MiB (idle {b_['idle_pss'] / 2**20:.0f} MiB)")
+    for k in ("b_ray_s3_N", "b_ray_s3_4N"):
+        print(f"(b) {k} largest processes at peak (MiB): " + ", ".join(f"{n} {m}" for n, m in res[k]["peak_breakdown_mib"]))
     ratios = {
         "ray_s3_vs_raw_per_core": (b_["videos_per_cpu_s"] / a_["videos_per_cpu_s"], ">=", 0.8),
         "ray_s3_vs_naive": (b_["videos_per_s"] / c_["videos_per_s"], ">=", 2.0),

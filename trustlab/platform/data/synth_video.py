@@ -83,7 +83,7 @@ def face_patches(patch_size: int = 256) -> tuple:
 
     from trustlab.platform.data.faces import FaceDetector, largest
 
-    det = FaceDetector(detect_width=1024, min_neighbors=6, min_face_frac=0.05)
+    det = FaceDetector(detect_width=1024, scale_factor=1.1, min_neighbors=6, min_face_frac=0.05)
     photos = [("astronaut", skimage.data.astronaut(), "largest")]
     d = shared_real_dir()
     if d:

@@ -70,12 +70,15 @@ DEFAULTS = {
     "size": 64,                  # crop side in pixels
     "face_scale": 1.3,           # face box enlargement
     "smooth": 5,                 # moving-average window (frames) of the box over a clip; 1 = off
+    "decode_max_side": 960,      # frames with a longer side are decoded straight to this size; null = native
     "detect_width": 640,         # frames wider than this are downscaled for detection
+    "scale_factor": 1.2,         # Haar cascade scaleFactor of whole-frame passes
     "min_neighbors": 5,          # Haar cascade minNeighbors
     "cache": None,               # Parquet crop cache (local folder or s3://); null = decode every epoch
     "num_decoders": 2,           # max actors decoding in parallel (ActorPoolStrategy max_size)
     "decode_cpus": 0.5,          # CPUs reserved per decoding actor
     "files_per_batch": 2,        # videos per map_batches call
+    "read_concurrency": None,    # max parallel file reads (bounds read-ahead memory); null = num_decoders
     "keep_manipulations": {},    # {split: [types]}: fakes of other types are left out of that split
     "vid_offset": 0,             # added to every vid (keeps ids of several data sets apart)
     "adapter": {},               # extra keyword arguments of the dataset adapter
@@ -122,18 +125,42 @@ def sample_indices(n_total: int, n: int, clip_len: int = 1, stride: int = 1, tra
     return np.minimum(idx, n_total - 1).reshape(-1)
 
 
-def open_video(video_bytes: bytes, width: int = -1, height: int = -1):
-    """A decord ``VideoReader`` over in-memory bytes (raises ``ValueError`` for empty input)."""
+def probe_size(video_bytes: bytes) -> tuple[int, int]:
+    """``(width, height)`` of the first video stream, from the container header (PyAV; no decoding)."""
+    import av
+
+    with av.open(io.BytesIO(video_bytes)) as c:
+        cc = c.streams.video[0].codec_context
+        return int(cc.width), int(cc.height)
+
+
+def fit_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """Decode size keeping the aspect ratio with the longer side <= ``max_side`` (even sides);
+    ``(-1, -1)`` = native size."""
+    if not max_side or max(width, height) <= int(max_side):
+        return -1, -1
+    f = int(max_side) / float(max(width, height))
+    return max(2, int(round(width * f / 2)) * 2), max(2, int(round(height * f / 2)) * 2)
+
+
+def open_video(video_bytes: bytes, width: int = -1, height: int = -1, max_side: int | None = None):
+    """A decord ``VideoReader`` over in-memory bytes (raises ``ValueError`` for empty input).
+    ``max_side``: frames with a longer side are decoded straight to a smaller size (the
+    decoder's scaler does the resize, so full-size RGB frames are never made)."""
     import decord
 
     if video_bytes is None or len(video_bytes) == 0:
         raise ValueError("zero-byte file")
+    if max_side and width < 0 and height < 0:
+        width, height = fit_size(*probe_size(video_bytes), max_side)
     return decord.VideoReader(io.BytesIO(video_bytes), ctx=decord.cpu(0), width=width, height=height, num_threads=1)
 
 
-def decode_sampled(video_bytes: bytes, indices, width: int = -1, height: int = -1) -> np.ndarray:
-    """Decode only the frames ``indices`` of a video given as bytes: (len(indices), H, W, 3) RGB."""
-    vr = open_video(video_bytes, width, height)
+def decode_sampled(video_bytes: bytes, indices, width: int = -1, height: int = -1,
+                   max_side: int | None = None) -> np.ndarray:
+    """Decode only the frames ``indices`` of a video given as bytes: (len(indices), H, W, 3) RGB
+    (optionally decoded to ``width`` x ``height`` or to fit ``max_side``)."""
+    vr = open_video(video_bytes, width, height, max_side)
     return _get_frames(vr, indices)
 
 
@@ -150,7 +177,7 @@ def video_clips(video_bytes: bytes, cfg: dict, detector: FaceDetector, train: bo
                 rng: np.random.Generator | None = None):
     """Clips of one video: ``(crops (K, T, S, S, 3) uint8, frame numbers (K, T), stats,
     fallback frames per clip (K,))``; raises on a bad file."""
-    vr = open_video(video_bytes)
+    vr = open_video(video_bytes, max_side=cfg.get("decode_max_side"))
     n_total = len(vr)
     if n_total <= 0:
         raise ValueError("no video frames")
@@ -317,7 +344,8 @@ class ClipMaker:
 
     def __init__(self, meta: dict, cfg: dict, train: bool, seed: int, sink=None):
         self.meta, self.cfg, self.train, self.seed, self.sink = meta, cfg, bool(train), int(seed), sink
-        self.detector = FaceDetector(detect_width=int(cfg["detect_width"]), min_neighbors=int(cfg["min_neighbors"]))
+        self.detector = FaceDetector(detect_width=int(cfg["detect_width"]), min_neighbors=int(cfg["min_neighbors"]),
+                                     scale_factor=float(cfg["scale_factor"]))
         # train: fresh entropy per actor (a new actor pool runs each epoch) -> new offsets per epoch
         self.rng = np.random.default_rng() if self.train else None
 
@@ -462,7 +490,8 @@ def _existing(uris: list[str], endpoint: str | None) -> tuple[list[str], list[st
 
 def cache_key(df: pd.DataFrame, cfg: dict, seed: int) -> str:
     keep = {k: cfg[k] for k in ("frames_per_video", "clip_len", "stride", "size", "face_scale", "smooth",
-                                "detect_width", "min_neighbors", "keep_manipulations")}
+                                "decode_max_side", "detect_width", "scale_factor", "min_neighbors",
+                                "keep_manipulations", "vid_offset")}
     h = hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode())
     h.update(pd.util.hash_pandas_object(df[["uri", "label", "split"]], index=False).values.tobytes())
     h.update(str(int(seed)).encode())
@@ -516,10 +545,11 @@ def _split_dataset(d: pd.DataFrame, split: str, cfg: dict, seed: int, endpoint: 
     else:
         paths = [os.path.abspath(u) for u in uris]
     train = split == "train"
+    n_act = max(1, int(cfg["num_decoders"]))
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs,
                                     shuffle="files" if train else None,
-                                    override_num_blocks=len(paths))
-    n_act = max(1, int(cfg["num_decoders"]))
+                                    override_num_blocks=len(paths),
+                                    concurrency=int(cfg.get("read_concurrency") or n_act))
     return ds.map_batches(
         ClipMaker,
         fn_constructor_kwargs=dict(meta=_meta(d), cfg=cfg, train=train, seed=seed, sink=report.sink()),
