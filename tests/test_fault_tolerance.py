@@ -1,0 +1,290 @@
+"""Fault tolerance of a Ray Train run (F2C, 2 workers, trainer.max_failures=1):
+
+* one training worker process is killed by PID (SIGKILL) in the middle of an epoch; the run
+  restarts its worker group from the last checkpoint and finishes with the metrics of an
+  uninterrupted run;
+* with checkpoints on S3 (a moto server on 127.0.0.1), the driver process is killed mid-run and a
+  new driver rerunning the same run name resumes from the stored checkpoint.
+
+Progress comes from the workers' own log lines (rank 0 prints every step with its PID, forwarded
+to the driver by Ray) and from the run's storage: Ray Train registers a reported checkpoint when
+its controller next polls the workers (every 2 s) and only then writes the checkpoint manager's
+snapshot next to the checkpoints; a checkpoint not yet registered when its worker dies is not
+resumed from. So each kill waits for that snapshot. The PIDs killed are checked against Ray's
+state API.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as SNAPSHOT
+
+from conftest import REPO, ci_overrides, compose, free_port
+
+EPOCHS = 3
+# F2C's CI run with epochs long enough to be interrupted (12 steps per worker per epoch), a
+# learning rate low enough that validation AUC still climbs every epoch (so the model selected at
+# the end is one trained after the kill), a larger test split for a steadier comparison, every
+# checkpoint kept so the epochs written can be counted, one tolerated failure, every step logged
+BASE = ["method=f2c", *ci_overrides("f2c"), "method.data.n_train=768", "method.data.n_test=256",
+        f"trainer.epochs={EPOCHS}", "trainer.lr=0.00003", "trainer.num_workers=2",
+        "trainer.cpus_per_worker=0.5", "trainer.max_failures=1", "trainer.keep_checkpoints=null",
+        "trainer.log_every=1"]
+STEP = re.compile(r"RayTrainWorker pid=(\d+)\)\S*\s+\[f2c:train\] epoch (\d+)/\d+ step (\d+)")
+DONE = re.compile(r"RayTrainWorker pid=(\d+)\)\S*\s+\[f2c:train\] epoch (\d+)/\d+ done")
+RESUMED = re.compile(r"RayTrainWorker pid=(\d+)\)\S*\s+\[f2c:train\] resumed from checkpoint at epoch (\d+)")
+BUCKET = "trustlab-ft"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """One generated F2C set for every run of this module."""
+    return str(tmp_path_factory.mktemp("ft-data"))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def train_worker_pids() -> set[int]:
+    from ray.util.state import list_actors
+
+    return {a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+
+
+def wait_for(cond, timeout: float, what: str, poll: float = 0.1):
+    end = time.time() + timeout
+    while time.time() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def mid_epoch_step(text: str, epoch: int, min_step: int):
+    """(pid, step) of rank 0 once it logged step >= min_step of ``epoch`` and not that epoch's end."""
+    done = {(int(p), int(e)) for p, e in DONE.findall(text)}
+    for pid, ep, st in reversed(STEP.findall(text)):
+        if int(ep) == epoch and int(st) >= min_step and (int(pid), epoch) not in done:
+            return int(pid), int(st)
+    return None
+
+
+def stored_epochs(state_files) -> list[int]:
+    return sorted(int(torch.load(f, map_location="cpu", weights_only=False)["epoch"]) for f in state_files)
+
+
+def local_checkpoints(run_root, name) -> list[dict]:
+    d = os.path.join(run_root, name, "ray", f"{name}-train")
+    states = [torch.load(os.path.join(d, c, "model.pt"), map_location="cpu", weights_only=False)
+              for c in sorted(os.listdir(d)) if c.startswith("checkpoint_") and os.path.isdir(os.path.join(d, c))]
+    return sorted(states, key=lambda s: s["epoch"])
+
+
+class Log:
+    """Accumulates what pytest captured (the driver's output, with the workers' forwarded lines)."""
+
+    def __init__(self, capfd):
+        self.capfd, self.text, self.lock = capfd, "", threading.Lock()
+
+    def poll(self) -> str:
+        with self.lock:
+            out, err = self.capfd.readouterr()
+            self.text += out + err
+            return self.text
+
+
+# ----------------------------------------------------------------------------- worker kill
+def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_head, tmp_path, data_root, capfd):
+    from trustlab.platform.experiment import train
+
+    ov = BASE + [f"method.data.root={data_root}"]
+    clean = train(compose(ov + ["run.name=clean"], tmp_path))
+    capfd.readouterr()
+    log = Log(capfd)
+    shot: dict = {}
+    stop = threading.Event()
+
+    snapshot = os.path.join(tmp_path, "killed", "ray", "killed-train", SNAPSHOT)
+
+    def killer():  # kill rank 0 inside epoch 2, once epoch 1's checkpoint is registered
+        try:
+            while not stop.is_set():
+                hit = mid_epoch_step(log.poll(), epoch=2, min_step=1)
+                if hit and os.path.exists(snapshot):
+                    pid, step = hit
+                    pids = train_worker_pids()
+                    shot.update(pid=pid, step=step, workers=pids, t=time.time())
+                    assert pid in pids, (pid, pids)
+                    os.kill(pid, signal.SIGKILL)
+                    return
+                time.sleep(0.05)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            shot["error"] = e
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    try:
+        killed = train(compose(ov + ["run.name=killed"], tmp_path))
+    finally:
+        stop.set()
+        th.join(30)
+    text = log.poll()
+    (tmp_path / "driver.log").write_text(text)
+    assert "error" not in shot, shot.get("error")
+    assert "pid" in shot, f"the worker was never seen mid-epoch 2 (log: {tmp_path / 'driver.log'})"
+    pid = shot["pid"]
+    print(f"killed RayTrainWorker pid {pid} (of {sorted(shot['workers'])}) at epoch 2 step {shot['step']}")
+    assert len(shot["workers"]) == 2 and not alive(pid)
+    # it died inside epoch 2: it logged steps of epoch 2 but never finished it
+    assert any(int(p) == pid and int(e) == 2 for p, e, _ in STEP.findall(text))
+    assert not any(int(p) == pid and int(e) == 2 for p, e in DONE.findall(text))
+    # a new worker group resumed from epoch 1's checkpoint and finished
+    resumed = [(int(p), int(e)) for p, e in RESUMED.findall(text)]
+    hist = killed["train_history"]["train"]
+    assert hist["resumed_from_epoch"] == 1 and hist["epoch"] == EPOCHS, (hist, str(tmp_path / "driver.log"))
+    assert resumed and all(p != pid for p, _ in resumed) and {e for _, e in resumed} == {1}, resumed
+    # one checkpoint per epoch: resumed, not restarted from scratch (that would repeat epoch 1)
+    ck_clean, ck_killed = local_checkpoints(tmp_path, "clean"), local_checkpoints(tmp_path, "killed")
+    assert [s["epoch"] for s in ck_killed] == list(range(1, EPOCHS + 1))
+    # same seeds: identical up to the kill; close afterwards (only the augmentation RNG differs)
+    m_c, m_k = ck_clean[0]["metrics"], ck_killed[0]["metrics"]
+    assert m_k["train_loss"] == pytest.approx(m_c["train_loss"], rel=1e-4)
+    assert m_k["val_auc"] == pytest.approx(m_c["val_auc"], abs=1e-6)
+    loss_c = [s["metrics"]["train_loss"] for s in ck_clean]
+    loss_k = [s["metrics"]["train_loss"] for s in ck_killed]
+    print("train loss per epoch: clean", [round(x, 4) for x in loss_c], "killed", [round(x, 4) for x in loss_k])
+    # epoch 2 continued from the restored weights: its loss is the clean run's epoch-2 loss, far
+    # from a fresh model's epoch-1 loss
+    assert abs(loss_k[1] - loss_c[1]) < 0.5 * abs(loss_c[0] - loss_c[1]), (loss_c, loss_k)
+    # the models compared were selected (on val) after the kill, and score like the clean one
+    assert clean["selected"]["epoch"] >= 2 and killed["selected"]["epoch"] >= 2, (clean["selected"], killed["selected"])
+    for split in ("val", "test"):
+        c, k = clean[split]["frame"], killed[split]["frame"]
+        print(f"{split} frame: clean auc {c['auc']:.4f} ap {c['ap']:.4f} | killed auc {k['auc']:.4f} ap {k['ap']:.4f}")
+        assert c["auc"] > 0.85 and k["auc"] > 0.85
+        assert abs(c["auc"] - k["auc"]) <= 0.03 and abs(c["ap"] - k["ap"]) <= 0.03
+
+
+# ----------------------------------------------------------------------------- S3 + driver restart
+@pytest.fixture
+def s3(monkeypatch):
+    """A moto S3 server on a free loopback port with one bucket; dummy keys in the environment."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield {"endpoint": endpoint, "client": client, "env": env}
+    finally:
+        server.stop()
+
+
+def s3_checkpoints(client, prefix: str) -> list[str]:
+    out, token = [], None
+    while True:
+        kw = {"ContinuationToken": token} if token else {}
+        r = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix, **kw)
+        out += [o["Key"] for o in r.get("Contents", []) if re.search(r"/checkpoint_[^/]+/model\.pt$", o["Key"])]
+        if not r.get("IsTruncated"):
+            return sorted(out)
+        token = r["NextContinuationToken"]
+
+
+def s3_epochs(client, keys) -> list[int]:
+    import io
+
+    return stored_epochs(io.BytesIO(client.get_object(Bucket=BUCKET, Key=k)["Body"].read()) for k in keys)
+
+
+def test_s3_checkpoints_survive_a_driver_restart(ray_head, s3, tmp_path, data_root, capfd):
+    from trustlab.platform.experiment import train
+
+    name, epochs = "s3-resume", 4
+    prefix = f"runs/{name}-train/"
+    # F2C's CI-sized data (short epochs): what matters here is where the checkpoints live
+    ov = ["method=f2c", *ci_overrides("f2c"), f"trainer.epochs={epochs}", "trainer.num_workers=2",
+          "trainer.cpus_per_worker=0.5", "trainer.max_failures=1", "trainer.keep_checkpoints=null",
+          f"method.data.root={data_root}", f"run.storage=s3://{BUCKET}/runs",
+          f"run.s3_endpoint={s3['endpoint']}", f"run.name={name}"]
+    # driver 1: its own process (as under `ray job submit`), killed once a checkpoint is registered
+    env = dict(ray_head["env"], RAY_ADDRESS=ray_head["address"], PYTHONUNBUFFERED="1", **s3["env"])
+    proc = subprocess.Popen([sys.executable, "experiments/run.py", *ov, f"run.root={tmp_path / 'driver1'}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+
+    def registered():
+        if proc.poll() is not None:
+            raise AssertionError(f"driver 1 exited with {proc.returncode}:\n" + "".join(lines)[-3000:])
+        r = s3["client"].list_objects_v2(Bucket=BUCKET, Prefix=prefix + SNAPSHOT)
+        return r.get("KeyCount", 0) > 0
+
+    try:
+        wait_for(registered, 240, "a checkpoint registered on S3", poll=0.05)
+        proc.kill()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        reader.join(10)
+    (tmp_path / "driver1.log").write_text("".join(lines))
+    # the job's actors die with their driver
+    wait_for(lambda: not train_worker_pids(), 60, "the dead driver's training workers to exit", poll=1.0)
+    before = s3_checkpoints(s3["client"], prefix)
+    epochs_before = s3_epochs(s3["client"], before)
+    print(f"driver 1 killed; checkpoints on S3 for epochs {epochs_before}")
+    assert epochs_before and max(epochs_before) < epochs, "driver 1 finished before it was killed"
+
+    # driver 2: this process, same run name and storage -> resumes from the stored epoch
+    capfd.readouterr()
+    metrics = train(compose(ov, tmp_path))
+    out = capfd.readouterr()
+    text = out.out + out.err
+    (tmp_path / "driver2.log").write_text(text)
+    hist = metrics["train_history"]["train"]
+    start = hist["resumed_from_epoch"]
+    print(f"driver 2 resumed from epoch {start}; finished epoch {hist['epoch']}; "
+          f"test auc {metrics['test']['frame']['auc']:.4f}")
+    assert start >= 1 and start in epochs_before and hist["epoch"] == epochs, (hist, epochs_before)
+    assert {int(e) for _, e in RESUMED.findall(text)} == {start}, str(tmp_path / "driver2.log")
+    # driver 2 wrote exactly the epochs after the stored one (nothing redone from epoch 1)
+    after = s3_checkpoints(s3["client"], prefix)
+    assert set(before) <= set(after)
+    assert s3_epochs(s3["client"], sorted(set(after) - set(before))) == list(range(start + 1, epochs + 1))
+    # the selected checkpoint is read back from S3 into the run folder
+    assert metrics["selected"]["checkpoint"].startswith(f"s3://{BUCKET}/runs/{name}-train/checkpoint_")
+    assert os.path.exists(tmp_path / name / "checkpoints" / "best.pt")
+    assert metrics["test"]["frame"]["auc"] > 0.9
