@@ -496,9 +496,11 @@ def session_plot(results: dict, path: str, title: str = "FSCIL accuracy per sess
 
 
 def runs_results(run_dirs) -> dict:
-    """{label: summary} of the method and every baseline in each run folder's metrics.json."""
+    """{label: summary} of the method and every baseline in each run folder's metrics.json
+    (with several runs, a baseline is labelled by the method whose base model it started from)."""
     import json
 
+    run_dirs = list(run_dirs)
     out = {}
     for d in run_dirs:
         with open(os.path.join(d, "metrics.json") if os.path.isdir(d) else d) as f:
@@ -508,7 +510,8 @@ def runs_results(run_dirs) -> dict:
         name = name if name not in out else f"{name} ({run})"
         out[name] = {k: m[k] for k in ("sessions", "average", "pd", "last")}
         for b, r in (m.get("baselines") or {}).items():
-            out[b if b not in out else f"{b} ({run})"] = r
+            label = b if len(run_dirs) == 1 else f"{b} ({name} base)"
+            out[label if label not in out else f"{label} ({run})"] = r
     return out
 
 
