@@ -172,3 +172,42 @@ def test_deletion_insertion_and_baselines_on_a_known_linear_model():
     assert corr(A.occlusion(fn, x, c, patch=1)) > 0.95
     sal = A.gradient_saliency(fn, x, c)
     assert float(np.mean([np.corrcoef(sal[i].flatten(), w_star.abs())[0, 1] for i in range(len(x))])) > 0.99
+
+
+def test_external_black_box_from_another_methods_checkpoint(tmp_path):
+    """The black box can be any registered image method's trained model.pt (here an untrained,
+    tiny F2C detector): its own data is loaded, a conv VAE fits its images, explanations work."""
+    from conftest import ci_overrides
+    from trustlab.platform import checkpoints as ck
+    from trustlab.platform.registry import get_method
+
+    fcfg = compose(["method=f2c", *ci_overrides("f2c"), "method.data.n_train=16", "method.data.n_val=8",
+                    "method.data.n_test=8", f"method.data.root={tmp_path / 'f2c'}"])
+    f2c = get_method("f2c")
+    torch.manual_seed(0)
+    ck.save_state(str(tmp_path / "bb"), model=f2c.build_model(fcfg, "train").state_dict(), epoch=1, stage="train", cfg=fcfg)
+    cfg = compose(["method=relabel", f"method.blackbox.checkpoint={tmp_path / 'bb'}", "method.relabel.cell=8",
+                   "method.relabel.n_samples=32", "method.vae.latent=8", "method.eval.occlusion_patch=8"])
+    m = get_method("relabel")
+    assert m.stages(cfg) == ["vae", "relabel"]
+    data = m.build_data(cfg)
+    assert data["train"]["x"].shape[1:] == (3, 32, 32) and set(data) == {"train", "val", "test"}
+    model = m.build_model(cfg, "vae")
+    assert model.vae.arch == "conv" and isinstance(model.blackbox, R.ExternalBlackBox)
+    batch = m.to_batch({k: v[:8] for k, v in data["train"].items()})
+    out = m.loss_step(model, batch, "vae", cfg)
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.blackbox.parameters())  # the black box is not trained
+    model.eval()
+    x = batch["x"][:3]
+    p = model.probs(x)
+    assert p.shape == (3, 2) and torch.allclose(p.sum(1), torch.ones(3))
+    with torch.no_grad():
+        ref = f2c.predict(model.blackbox.model, {"x": x}, fcfg)
+    assert torch.allclose(p[:, 1], ref, atol=1e-4)
+    maps = R.attribution_maps(model, x, cfg["method"]["relabel"], cfg["method"]["eval"], seed=0)["maps"]
+    for name, a in maps.items():
+        assert a.shape == (3, 32, 32) and bool(torch.isfinite(a).all()), name
+    # each 8x8 cell of the re-label map carries one student weight
+    w = maps["relabel"][0] / x[0].sum(0).clamp_min(1e-6)
+    assert torch.allclose(w[:8, :8], w[0, 0].expand(8, 8), atol=1e-4)

@@ -561,6 +561,23 @@ def completion_worker_loop(config: dict) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
 
+def _eval_threads(cfg: dict):
+    """Torch threads for driver-side evaluation: as many as a training worker gets (small
+    tensors; more threads than cores on a shared machine slow everything down)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        old = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(math.ceil(float(cfg["trainer"]["cpus_per_worker"])))))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
+    return ctx()
+
+
 # ----------------------------------------------------------------------------- the method
 @register_method("deocclusion")
 class Deocclusion(MethodBase):
@@ -678,6 +695,10 @@ class Deocclusion(MethodBase):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, cfg: dict, model, data: dict, run_dir: str) -> dict:
+        with _eval_threads(cfg):
+            return self._evaluate(cfg, model, data, run_dir)
+
+    def _evaluate(self, cfg: dict, model, data: dict, run_dir: str) -> dict:
         m = cfg["method"]
         far = float(m["eval"]["far"])
         tar_key = f"tar@far={far:g}"

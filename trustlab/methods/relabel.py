@@ -142,7 +142,7 @@ class ExternalBlackBox(nn.Module):
 
     def forward(self, x):
         p = self.method.predict(self.model, {"x": x}, self.cfg).float().clamp(1e-6, 1 - 1e-6).view(-1)
-        return torch.logit(torch.stack([1 - p, p], dim=1))  # logits of the two classes
+        return torch.log(torch.stack([1 - p, p], dim=1))  # log-probabilities: softmax gives back (1 - p, p)
 
 
 class RelabelModel(nn.Module):
@@ -385,6 +385,23 @@ def relabel_worker_loop(config: dict) -> None:
     ray.train.report(metrics, checkpoint=ckpt)
 
 
+def _eval_threads(cfg: dict):
+    """Torch threads for driver-side evaluation: as many as a training worker gets (small
+    tensors; more threads than cores on a shared machine slow everything down)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        old = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(math.ceil(float(cfg["trainer"]["cpus_per_worker"])))))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
+    return ctx()
+
+
 # ----------------------------------------------------------------------------- the method
 @register_method("relabel")
 class Relabel(MethodBase):
@@ -477,6 +494,10 @@ class Relabel(MethodBase):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, cfg: dict, model, data: dict, run_dir: str) -> dict:
+        with _eval_threads(cfg):
+            return self._evaluate(cfg, model, data, run_dir)
+
+    def _evaluate(self, cfg: dict, model, data: dict, run_dir: str) -> dict:
         m = cfg["method"]
         ecfg, rcfg = m["eval"], m["relabel"]
         seed = int(cfg["seed"])

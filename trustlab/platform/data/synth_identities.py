@@ -20,10 +20,14 @@ Identity attributes (drawn once per identity, ``identity_params``):
   anywhere on the face.
 
 The upper face (hair, eyes, brows, glasses, skin) and the lower face (nose tip, mouth, jaw,
-beard, lower moles) both carry identity; some lower-face attributes are tied to upper-face ones
-(beard colour = hair colour, lip colour follows skin tone, jaw follows face width), others are
-independent (mouth width, curvature, cleft). A face-mask hides the lower-face cues, which is
-what makes masked recognition harder than unmasked recognition on this set.
+beard, lower moles) both carry identity. Like real faces, the structure is coherent: most
+lower-face attributes follow upper-face ones (mouth and nose width scale with the eye distance,
+lip thickness with the eye size, the mouth's height with the nose length, the resting smile
+with the brows' slant, beards come with thick brows and share the hair colour, lip colour follows
+the skin tone, the jaw the face width), while some are the person's own (chin cleft, moles, the
+residual spread of every tied attribute). A face-mask hides the lower-face cues; a completion
+model that has learnt the facial structure can predict much of what is under the mask, which is
+the signal de-occlusion distillation is meant to exploit.
 
 Per-image nuisances (``render_face``): translation (±5 % of the side), rotation (±10°), scale
 (±7 %), expression (smile change, mouth opening, blink), lighting (gain and a directional
@@ -53,7 +57,7 @@ HAIR_COLOURS = np.array([[25, 20, 18], [70, 45, 30], [120, 85, 55], [205, 175, 1
 IRIS_COLOURS = np.array([[60, 40, 25], [40, 90, 160], [70, 120, 70], [110, 110, 120]], np.float32)
 SKIN_LIGHT = np.array([240, 205, 180], np.float32)
 SKIN_DARK = np.array([95, 60, 40], np.float32)
-VERSION = 1  # bump when rendering changes (invalidates caches)
+VERSION = 2  # bump when rendering changes (invalidates caches)
 
 
 def identity_params(rng: np.random.Generator) -> dict:
@@ -64,19 +68,27 @@ def identity_params(rng: np.random.Generator) -> dict:
     hair = HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))] + rng.normal(0, 10, 3)
     lip = np.array([200, 90, 95], np.float32) * (1 - 0.45 * skin_t) + rng.normal(0, 12, 3)
     face_w = u(0.27, 0.36)
+    eye_d, eye_r = u(0.13, 0.19), u(0.028, 0.05)
+    eye_y, nose_len = u(-0.12, -0.04), u(0.10, 0.19)
+    brow_th, brow_slant = u(0.012, 0.035), u(-0.5, 0.5)
+    p_beard = 0.05 + 0.55 * (brow_th - 0.012) / 0.023  # thick brows go with beards
     p = dict(
         skin=np.clip(skin, 0, 255), hair=np.clip(hair, 0, 255), lip=np.clip(lip, 0, 255),
         face_w=face_w, face_h=u(0.36, 0.44), jaw=u(0.62, 0.95) * (0.9 + (face_w - 0.27)),
         ear=u(0.04, 0.075),
         fringe=u(0.0, 1.0), side=u(0.0, 1.0), parting=int(rng.integers(3)), volume=u(0.02, 0.09),
-        eye_d=u(0.13, 0.19), eye_y=u(-0.12, -0.04), eye_r=u(0.028, 0.05), eye_aspect=u(0.45, 0.85),
+        eye_d=eye_d, eye_y=eye_y, eye_r=eye_r, eye_aspect=u(0.45, 0.85),
         iris=IRIS_COLOURS[rng.integers(len(IRIS_COLOURS))] + rng.normal(0, 8, 3),
         glasses=bool(u() < 0.2), glasses_round=bool(u() < 0.5),
         glasses_col=np.array([[20, 20, 20], [120, 80, 40], [190, 190, 200]], np.float32)[rng.integers(3)],
-        brow_th=u(0.012, 0.035), brow_slant=u(-0.5, 0.5), brow_lift=u(0.045, 0.09), brow_len=u(0.7, 1.3),
-        nose_len=u(0.10, 0.19), nose_w=u(0.035, 0.075), nose_shade=u(0.1, 0.3),
-        mouth_w=u(0.07, 0.15), mouth_y=u(0.20, 0.27), lip_th=u(0.012, 0.03), curve=u(-1.0, 1.0),
-        cleft=bool(u() < 0.25), beard=int(rng.choice(3, p=[0.65, 0.2, 0.15])),  # none, moustache, full
+        brow_th=brow_th, brow_slant=brow_slant, brow_lift=u(0.045, 0.09), brow_len=u(0.7, 1.3),
+        # lower face: proportions follow the upper face (coherent facial structure) ...
+        nose_len=nose_len, nose_w=eye_d * u(0.25, 0.4), nose_shade=u(0.1, 0.3),
+        mouth_w=eye_d * u(0.55, 0.8), mouth_y=eye_y + nose_len + u(0.07, 0.11), lip_th=eye_r * u(0.35, 0.6),
+        curve=float(np.clip(1.2 * brow_slant + rng.normal(0, 0.4), -1, 1)),
+        beard=int(rng.choice(3, p=[1 - p_beard, p_beard / 2, p_beard / 2])),  # none, moustache, full
+        # ... and some of it is the person's own
+        cleft=bool(u() < 0.25),
         moles=[(u(-0.25, 0.25), u(-0.2, 0.3), u(0.012, 0.022)) for _ in range(int(rng.integers(0, 3)))],
     )
     return p
