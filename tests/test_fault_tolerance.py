@@ -265,7 +265,6 @@ def test_s3_checkpoints_survive_a_driver_restart(ray_head, s3, tmp_path, data_ro
     wait_for(lambda: not train_worker_pids(), 60, "the dead driver's training workers to exit", poll=1.0)
     before = s3_checkpoints(s3["client"], prefix)
     epochs_before = s3_epochs(s3["client"], before)
-    print(f"driver 1 killed; checkpoints on S3 for epochs {epochs_before}")
     assert epochs_before and max(epochs_before) < epochs, "driver 1 finished before it was killed"
 
     # driver 2: this process, same run name and storage -> resumes from the stored epoch
@@ -276,7 +275,8 @@ def test_s3_checkpoints_survive_a_driver_restart(ray_head, s3, tmp_path, data_ro
     (tmp_path / "driver2.log").write_text(text)
     hist = metrics["train_history"]["train"]
     start = hist["resumed_from_epoch"]
-    print(f"driver 2 resumed from epoch {start}; finished epoch {hist['epoch']}; "
+    print(f"driver 1 killed with checkpoints on S3 for epochs {epochs_before}; "
+          f"driver 2 resumed from epoch {start}; finished epoch {hist['epoch']}; "
           f"test auc {metrics['test']['frame']['auc']:.4f}")
     assert start >= 1 and start in epochs_before and hist["epoch"] == epochs, (hist, epochs_before)
     assert {int(e) for _, e in RESUMED.findall(text)} == {start}, str(tmp_path / "driver2.log")
