@@ -49,7 +49,7 @@ class FaceDetector:
     are scaled back). ``min_face_frac``: smallest face side as a fraction of the detection
     frame's shorter side. ``scale_factor``/``min_neighbors``: the cascade's own knobs."""
 
-    def __init__(self, detect_width: int = 640, scale_factor: float = 1.2, min_neighbors: int = 5,
+    def __init__(self, detect_width: int = 640, scale_factor: float = 1.1, min_neighbors: int = 5,
                  min_face_frac: float = 0.06, cascade: str = CASCADE):
         import cv2
 

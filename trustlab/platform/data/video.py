@@ -72,7 +72,7 @@ DEFAULTS = {
     "smooth": 5,                 # moving-average window (frames) of the box over a clip; 1 = off
     "decode_max_side": 960,      # frames with a longer side are decoded straight to this size; null = native
     "detect_width": 640,         # frames wider than this are downscaled for detection
-    "scale_factor": 1.2,         # Haar cascade scaleFactor of whole-frame passes
+    "scale_factor": 1.1,         # Haar cascade scaleFactor of whole-frame passes (1.2: ~40% faster, misses more)
     "min_neighbors": 5,          # Haar cascade minNeighbors
     "cache": None,               # Parquet crop cache (local folder or s3://); null = decode every epoch
     "num_decoders": 2,           # max actors decoding in parallel (ActorPoolStrategy max_size)
