@@ -394,6 +394,8 @@ class ClipMaker:
             d = stats.as_dict()
             d.update(videos=n_ok, bad=n_bad, clips=len(rows["y"]))
             self._send("add_stats", split, d)
+        if _LIBC is not False:
+            _trim_heap()
         if not rows["y"]:
             return _empty_batch(t, size)
         out = {"x": np.stack(rows["x"]).astype(np.uint8), "y": np.asarray(rows["y"], np.int64),
@@ -403,6 +405,23 @@ class ClipMaker:
         for k in _OUT_STR:
             out[k] = np.asarray(rows[k], dtype=object)
         return out
+
+
+def _trim_heap() -> None:
+    """Give freed heap back to the OS (glibc ``malloc_trim``): decoding many videos in one
+    long-lived actor otherwise leaves its resident memory growing with fragmentation."""
+    global _LIBC
+    try:
+        if _LIBC is None:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):
+        _LIBC = False
+
+
+_LIBC = None
 
 
 def _key(path: str) -> str:
