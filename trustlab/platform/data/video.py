@@ -20,6 +20,11 @@ finds and smooths the face boxes (``faces.track_clip``) and emits one row per cl
 ``video_id``, ``manipulation``, ``source``, ``split``  strings from the manifest
 ====================  ==============================================================
 
+Into Ray Train: pass the datasets to ``TorchTrainer(datasets=...)``; workers read
+``ray.train.get_dataset_shard(split)`` with ``iter_batches(batch_format="numpy")`` (all columns)
+or ``iter_torch_batches`` on ``tensor_columns(ds)`` (torch cannot hold the string columns).
+Nothing is materialised: each pass streams files -> clips -> batches.
+
 Sampling (``sample_indices``): ``frames_per_video`` = N frames are decoded per video, as
 K = N // T clips of T = ``clip_len`` frames spaced ``stride`` frames apart. The video's valid
 clip starts are cut into K equal segments; val/test take the centre of each segment
