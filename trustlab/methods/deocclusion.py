@@ -540,7 +540,7 @@ def completion_worker_loop(config: dict) -> None:
             opt_g.step()
             steps += 1
             for k, v in {**{f"d_{k}": v for k, v in d.items()}, **{f"g_{k}": v for k, v in g.items()}}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
         train_time = time.time() - t0
 
         metrics = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}

@@ -293,7 +293,7 @@ def attribution_maps(model: RelabelModel, x: torch.Tensor, rcfg: dict, ecfg: dic
     maps = {"relabel": rl["contribution"] if ranking == "contribution" else rl["weights"]}
     maps["gradient_saliency"] = A.gradient_saliency(fn, x, c)
     maps["gradient_x_input"] = A.gradient_x_input(fn, x, c, base)
-    maps["occlusion"] = A.occlusion(fn, x, c, int(ecfg["occlusion_patch"]), 1, base)
+    maps["occlusion"] = A.occlusion(fn, x, c, int(ecfg["occlusion_patch"]), int(ecfg.get("occlusion_stride", 1)), base)
     maps["lime"] = A.lime(fn, x, c, int(rcfg["cell"]), int(ecfg["lime_samples"]), seed, base)
     maps["random"] = A.random_attribution(len(x), x.shape[2], x.shape[3], seed)
     return {"maps": maps, "c": c, "relabel": rl, "neighbourhood": nb}

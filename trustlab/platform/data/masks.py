@@ -77,7 +77,7 @@ def _draw(rng: np.random.Generator, n: int, o: dict) -> dict:
     c1 = rng.integers(len(PALETTE), size=n)
     c2 = (c1 + 1 + rng.integers(len(PALETTE) - 1, size=n)) % len(PALETTE)
     j = float(o["colour_jitter"])
-    return dict(
+    out = dict(
         shape=shape, texture=tex,
         colour=np.clip(PALETTE[c1] + rng.normal(0, j, (n, 3)), 0, 1),
         colour2=np.clip(PALETTE[c2] + rng.normal(0, j, (n, 3)), 0, 1),
@@ -85,6 +85,10 @@ def _draw(rng: np.random.Generator, n: int, o: dict) -> dict:
         freq=u(2.5, 5.0, size=n), angle=u(0, np.pi, size=n), phase=u(0, 1, size=n),
         noise_seed=rng.integers(0, 2**20, size=n).astype(np.float64),
     )
+    # trigonometry on the host (float64, per sample): the per-pixel work below uses only basic
+    # arithmetic, which is exactly reproducible whatever the batch size, threads or SIMD path
+    out["cos"], out["sin"] = np.cos(out["angle"]), np.sin(out["angle"])
+    return out
 
 
 def sample_params(n: int, seed, cfg: dict | None = None) -> dict:
@@ -125,8 +129,16 @@ def face_frame(landmarks: torch.Tensor, h: int, w: int):
     return s, t, ref
 
 
-def _hash_noise(u, v, seed):
-    x = torch.sin(u * 127.1 + v * 311.7 + seed * 0.731) * 43758.5453
+def _hash_noise(cu, cv, seed):
+    """Deterministic value noise in [0, 1] from integer cell coordinates (integer hashing, so
+    no transcendental function and no rounding can change a value)."""
+    h = (cu.long() * 73856093) ^ (cv.long() * 19349663) ^ (seed.long() * 83492791)
+    h = (h ^ (h >> 13)) * 1274126177
+    h = h ^ (h >> 16)
+    return (h & 1023).float() / 1023.0
+
+
+def _frac(x):
     return x - torch.floor(x)
 
 
@@ -161,10 +173,9 @@ def render(landmarks: torch.Tensor, params: dict, h: int, w: int):
     d = bc(ref["d"])
     fs, ft = s / d, t / d
     f = bc(P["freq"])
-    ang = bc(P["angle"])
     ph = bc(P["phase"])
-    pleats = (torch.sin(2 * np.pi * (v * 3.0 + ph)) > 0.55).float()
-    stripes = (torch.sin(2 * np.pi * (f * (fs * torch.cos(ang) + ft * torch.sin(ang)) + ph)) > 0).float()
+    pleats = (_frac(v * 3.0 + ph) < 0.3).float()
+    stripes = (_frac(f * (fs * bc(P["cos"]) + ft * bc(P["sin"])) + ph) < 0.5).float()
     cell_u, cell_v = fs * f * 0.8 + ph, ft * f * 0.8 + ph
     dots = (((cell_u - torch.floor(cell_u) - 0.5) ** 2 + (cell_v - torch.floor(cell_v) - 0.5) ** 2) < 0.09).float()
     checker = ((torch.floor(cell_u * 0.7) + torch.floor(cell_v * 0.7)) % 2).float()
