@@ -145,6 +145,11 @@ def test_relabel_explanations_beat_random_on_deletion(cfg, trained):
     assert float(d_rl.mean()) < 0.5 * float(d_rnd.mean()), (float(d_rl.mean()), float(d_rnd.mean()))
     assert float((d_rl < d_rnd).float().mean()) >= 0.85
     assert float(rl["insertion_auc"].mean()) > float(rnd["insertion_auc"].mean()) + 0.15
+    # an image's explanation does not depend on the batch (or Ray shard) it is computed in
+    seeds = np.arange(30) + 500
+    part = R.explain(model, x[10:13], rc, seed=seeds[10:13])
+    full = R.explain(model, x, rc, seed=seeds)
+    assert torch.allclose(part["weights"], full["weights"][10:13], atol=1e-5)
     # and it is the student's weights that carry this: a sign-flipped explanation deletes worst
     flip = A.deletion_insertion(model.probs, x, ex["c"], -ex["contribution"], base)
     assert float(flip["deletion_auc"].mean()) > float(d_rnd.mean())

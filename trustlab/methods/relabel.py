@@ -197,7 +197,7 @@ def fit_linear_students(feats: torch.Tensor, target: torch.Tensor, l2: float = 1
 
 
 @torch.no_grad()
-def synthesize(model: RelabelModel, x: torch.Tensor, rcfg: dict, seed: int, perturb: str = "latent",
+def synthesize(model: RelabelModel, x: torch.Tensor, rcfg: dict, seed, perturb: str = "latent",
                radius=None) -> torch.Tensor:
     """``N`` synthetic neighbours of each image (B x N x C x H x W): decoded latent perturbations
     ``mu + r_k eps_k`` (``perturb="latent"``; with ``anchor="residual"`` the decoded *change*
@@ -206,30 +206,31 @@ def synthesize(model: RelabelModel, x: torch.Tensor, rcfg: dict, seed: int, pert
     Gaussian pixel noise with the
     same radius schedule (``"pixel"``, std ``r_k * pixel_scale``). ``radius``: a number or one per
     image (default ``rcfg["radius"]``); ``r_k`` is uniform in ``[0, radius]``; sample 0 is the
-    reconstruction (latent) or the image itself (pixel)."""
+    reconstruction (latent) or the image itself (pixel). ``seed``: one per image, or an int
+    (see ``attribution.per_item_seeds``)."""
     n = int(rcfg["n_samples"])
     bsz = len(x)
     r = torch.as_tensor(float(rcfg["radius"]) if radius is None else radius, dtype=torch.float32).expand(bsz)
-    gen = torch.Generator().manual_seed(int(seed))
-    radii = torch.rand(bsz, n, 1, generator=gen) * r[:, None, None]
+    gens = [torch.Generator().manual_seed(s) for s in A.per_item_seeds(seed, bsz)]
+    radii = torch.stack([torch.rand(n, 1, generator=g) for g in gens]) * r[:, None, None]
     radii[:, 0] = 0.0
     if perturb == "latent":
         mu, _ = model.vae.encode(x)
-        eps = torch.randn(bsz, n, mu.shape[1], generator=gen)
+        eps = torch.stack([torch.randn(n, mu.shape[1], generator=g) for g in gens])
         z = mu[:, None] + radii * eps
         dec = model.vae.decode(z.reshape(-1, mu.shape[1])).view(bsz, n, *x.shape[1:])
         if rcfg.get("anchor", "residual") == "residual":  # the image plus the decoded change of its code
             return (x[:, None] + dec - dec[:, :1]).clamp(0, 1)
         return dec
     if perturb == "pixel":
-        eps = torch.randn(bsz, n, *x.shape[1:], generator=gen)
+        eps = torch.stack([torch.randn(n, *x.shape[1:], generator=g) for g in gens])
         xs = x[:, None] + radii.view(bsz, n, 1, 1, 1) * float(rcfg.get("pixel_scale", 0.2)) * eps
         return xs.clamp(0, 1)
     raise ValueError(f"unknown perturb {perturb!r}; valid: latent, pixel")
 
 
 @torch.no_grad()
-def neighbourhood(model: RelabelModel, x: torch.Tensor, rcfg: dict, seed: int = 0, perturb: str | None = None) -> dict:
+def neighbourhood(model: RelabelModel, x: torch.Tensor, rcfg: dict, seed=0, perturb: str | None = None) -> dict:
     """Steps 1-2: synthetic neighbours of each image relabelled by the black box ->
     ``{"xs": B x N x C x H x W, "kept": B x N, "soft": B x N, "c": B, "radius": B}``."""
     perturb = perturb or rcfg.get("perturb", "latent")
@@ -241,9 +242,10 @@ def neighbourhood(model: RelabelModel, x: torch.Tensor, rcfg: dict, seed: int = 
         probs = model.probs(xs.view(-1, ch, h, wd)).view(len(idx), xs.shape[1], -1)
         return (xs, *relabel(probs, c[idx]))
 
+    seeds = np.asarray(A.per_item_seeds(seed, bsz), dtype=np.int64)
     radius = torch.full((bsz,), float(rcfg["radius"]))
     allidx = torch.arange(bsz)
-    xs, kept, soft = sample(allidx, radius, seed)
+    xs, kept, soft = sample(allidx, radius, seeds)
     if rcfg.get("adaptive", True):  # widen the radius where too few labels shift
         for attempt in range(1, int(rcfg.get("max_doublings", 3)) + 1):
             need = (1 - kept.mean(1)) < float(rcfg.get("min_shift", 0.15))
@@ -251,7 +253,7 @@ def neighbourhood(model: RelabelModel, x: torch.Tensor, rcfg: dict, seed: int = 
                 break
             idx = allidx[need]
             radius[idx] *= 2
-            xs[idx], kept[idx], soft[idx] = sample(idx, radius[idx], seed + 7919 * attempt)
+            xs[idx], kept[idx], soft[idx] = sample(idx, radius[idx], seeds[idx.numpy()] + 7919 * attempt)
     return {"xs": xs, "kept": kept, "soft": soft, "c": c, "radius": radius}
 
 
@@ -276,13 +278,13 @@ def distil(nb: dict, x: torch.Tensor, rcfg: dict, hard_weight: float | None = No
             "radius": nb["radius"], "student_agreement": agree}
 
 
-def explain(model: RelabelModel, x: torch.Tensor, rcfg: dict, seed: int = 0, perturb: str | None = None,
+def explain(model: RelabelModel, x: torch.Tensor, rcfg: dict, seed=0, perturb: str | None = None,
             hard_weight: float | None = None) -> dict:
     """Re-label distillation of a batch of images (``neighbourhood`` then ``distil``)."""
     return distil(neighbourhood(model, x, rcfg, seed, perturb), x, rcfg, hard_weight)
 
 
-def attribution_maps(model: RelabelModel, x: torch.Tensor, rcfg: dict, ecfg: dict, seed: int) -> dict:
+def attribution_maps(model: RelabelModel, x: torch.Tensor, rcfg: dict, ecfg: dict, seed) -> dict:
     """All explanations of a batch (B x H x W each), keyed by method name, plus ``c``."""
     fn = model.probs
     base = A.baseline_image(x, rcfg.get("baseline", "zero"))
@@ -323,6 +325,7 @@ def _explain_metrics(model, arrays: dict, cfg: dict, idx: np.ndarray, seed: int,
     m = cfg["method"]
     rcfg, ecfg = m["relabel"], m["eval"]
     x = _as_float(torch.from_numpy(np.asarray(arrays["x"][idx])))
+    seed = int(seed) * 1000003 + np.asarray(arrays["vid"][idx], dtype=np.int64)  # per image: shard-independent
     base = A.baseline_image(x, rcfg.get("baseline", "zero"))
     out = {}
     if with_baselines:
@@ -335,7 +338,7 @@ def _explain_metrics(model, arrays: dict, cfg: dict, idx: np.ndarray, seed: int,
         maps = {"relabel": rl["contribution"] if rcfg.get("ranking", "contribution") == "contribution" else rl["weights"]}
     for name, a in maps.items():
         out[name] = A.deletion_insertion(model.probs, x, c, a, base, ecfg.get("steps"))
-    return out, maps, rl, x, c, nb
+    return out, maps, rl, x, c, nb, seed
 
 
 def relabel_worker_loop(config: dict) -> None:
@@ -360,7 +363,7 @@ def relabel_worker_loop(config: dict) -> None:
     val = data["val"]
     n = min(len(val["y"]), int(cfg["method"]["eval"]["n_val_images"]))
     mine = np.arange(rank, n, world)
-    res, _, rl, _, _, _ = _explain_metrics(model, val, cfg, mine, int(cfg["seed"]) + 1, with_baselines=False)
+    res, _, rl, _, _, _, _ = _explain_metrics(model, val, cfg, mine, int(cfg["seed"]) + 1, with_baselines=False)
     part = (res["relabel"]["deletion_auc"].numpy(), res["relabel"]["insertion_auc"].numpy(), rl["shift_rate"].numpy())
     if world > 1:
         import torch.distributed as dist
@@ -513,7 +516,7 @@ class Relabel(MethodBase):
             mean_mse = float((xt - _as_float(torch.from_numpy(np.asarray(data["train"]["x"]))).mean(0)).pow(2).mean())
         n = min(len(te["y"]), int(ecfg["n_images"]))
         idx = np.arange(n)
-        res, maps, rl, x, c, nb = _explain_metrics(model, te, cfg, idx, seed + 2, with_baselines=True)
+        res, maps, rl, x, c, nb, seeds = _explain_metrics(model, te, cfg, idx, seed + 2, with_baselines=True)
         summary = {k: {"deletion_auc": float(v["deletion_auc"].mean()), "insertion_auc": float(v["insertion_auc"].mean()),
                        "deletion_auc_std": float(v["deletion_auc"].std()), "insertion_auc_std": float(v["insertion_auc"].std()),
                        "n": int(n)} for k, v in res.items()}
@@ -521,7 +524,7 @@ class Relabel(MethodBase):
         base = A.baseline_image(x, rcfg.get("baseline", "zero"))
         abl = {}
         other = "pixel" if rcfg.get("perturb", "latent") == "latent" else "latent"
-        e_pix = explain(model, x, rcfg, seed + 2, perturb=other)
+        e_pix = explain(model, x, rcfg, seeds, perturb=other)
         abl[f"relabel_{other}_perturbation"] = e_pix["contribution"]
         e_hard = distil(nb, x, rcfg, hard_weight=1.0)  # same neighbours, hard labels only
         abl["relabel_hard_labels_only"] = e_hard["contribution"]

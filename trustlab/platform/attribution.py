@@ -47,6 +47,17 @@ def baseline_image(x: torch.Tensor, kind: str = "zero") -> torch.Tensor:
     raise ValueError(f"unknown baseline {kind!r}; valid: zero, mean, blur")
 
 
+def per_item_seeds(seed, n: int) -> list[int]:
+    """One seed per image: a sequence is taken as is; an int ``s`` gives ``s * 1000003 + i``.
+    Per-image seeds make an image's attribution independent of the batch it is computed in."""
+    if isinstance(seed, (int, np.integer)):
+        return [int(seed) * 1000003 + i for i in range(n)]
+    out = [int(s) for s in np.asarray(seed).reshape(-1)]
+    if len(out) != n:
+        raise ValueError(f"need {n} seeds, got {len(out)}")
+    return out
+
+
 def class_prob(fn, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return fn(x).gather(1, c.view(-1, 1)).squeeze(1)
 
@@ -99,15 +110,15 @@ def occlusion(fn, x: torch.Tensor, c: torch.Tensor, patch: int = 2, stride: int 
 
 
 @torch.no_grad()
-def lime(fn, x: torch.Tensor, c: torch.Tensor, cell: int = 1, n_samples: int = 500, seed: int = 0,
+def lime(fn, x: torch.Tensor, c: torch.Tensor, cell: int = 1, n_samples: int = 500, seed=0,
          baseline: torch.Tensor | None = None, kernel_width: float = 0.25, ridge: float = 1.0,
          keep_prob: float = 0.5) -> torch.Tensor:
     """LIME-style attribution over a grid of ``cell`` x ``cell`` cells (see the module docstring)."""
     b = torch.zeros_like(x) if baseline is None else baseline
     n, ch, h, w = x.shape
     nc = (h // cell) * (w // cell)
-    gen = torch.Generator().manual_seed(int(seed))
-    z = (torch.rand(n, n_samples, nc, generator=gen) < keep_prob).to(x.dtype)
+    z = torch.stack([torch.rand(n_samples, nc, generator=torch.Generator().manual_seed(s)) < keep_prob
+                     for s in per_item_seeds(seed, n)]).to(x.dtype)
     z[:, 0] = 1.0  # the image itself
     zm = cell_unpool(z.reshape(-1, nc), cell, h, w).view(n, n_samples, 1, h, w).to(x.device)
     xs = x[:, None] * zm + b[:, None] * (1 - zm)
@@ -123,8 +134,8 @@ def lime(fn, x: torch.Tensor, c: torch.Tensor, cell: int = 1, n_samples: int = 5
     return cell_unpool(coef, cell, h, w)
 
 
-def random_attribution(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, h, w, generator=torch.Generator().manual_seed(int(seed)))
+def random_attribution(n: int, h: int, w: int, seed=0) -> torch.Tensor:
+    return torch.stack([torch.rand(h, w, generator=torch.Generator().manual_seed(s)) for s in per_item_seeds(seed, n)])
 
 
 @torch.no_grad()
