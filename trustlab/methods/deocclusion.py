@@ -300,7 +300,10 @@ def verification_metrics(emb: np.ndarray, y: np.ndarray, seed: int = 0, far: flo
     from trustlab.platform.metrics import eer as eer_fn
     from sklearn.metrics import roc_auc_score
 
-    e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    # float64: numpy's float32 reductions can differ in the last bit with the arrays' memory
+    # alignment, which would make the figures depend on the process that computes them
+    emb = np.asarray(emb, dtype=np.float64)
+    e = emb / np.maximum(np.sqrt((emb * emb).sum(axis=1, keepdims=True)), 1e-12)
     pos, neg, bal = verification_pairs(y, seed)
     sim = lambda p: np.einsum("nd,nd->n", e[p[:, 0]], e[p[:, 1]])  # noqa: E731
     ps, ns, bs = sim(pos), sim(neg), sim(bal)
