@@ -648,7 +648,10 @@ class FSCILMethod(MethodBase):
     """Shared driving of FSCIL methods (see the module docstring for what a method supplies).
 
     Config read here: ``method.data`` (benchmark, protocol, sizes), ``method.base`` (epochs,
-    shift), ``method.baselines`` (fine-tune steps / lr) and ``method.session`` (``shift``)."""
+    lr, weight decay, shift), ``method.baselines`` (fine-tune steps / lr) and
+    ``method.session.shift``. The base stage runs on the GPU when the cluster has one; the
+    incremental stage and the driver-side evaluation use CPU tensors (few-shot sessions are
+    small)."""
 
     modality = "fscil"
 
