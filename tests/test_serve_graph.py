@@ -99,6 +99,10 @@ def test_graph_yaml_holds_every_default_with_a_comment():
 
     s = settings_from_args(cfg)
     assert [d["checkpoint"] for d in s["detectors"]] == ["s3://b/models/f2c/model.pt", "s3://b/models/stdt/model.pt"]
+    from trustlab.serve.graph import GraphConfigError
+
+    with pytest.raises(GraphConfigError, match="serve=graph"):  # the single-detector group is not the graph's
+        settings_from_args(compose(["mode=serve"]))
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -183,6 +183,10 @@ def settings_from_args(args: dict | None) -> dict:
     if isinstance(args.get("serve"), dict) and "method" in args:  # a whole trustlab config
         s3 = (args.get("run") or {}).get("s3_endpoint")
         args = dict(args["serve"])
+        if "detectors" not in args:
+            raise GraphConfigError("the detection graph needs the serve=graph config group "
+                                   "(experiments/conf/serve/graph.yaml), e.g. mode=serve serve=graph "
+                                   "serve.detectors=[f2c,stdt] serve.checkpoint_root=s3://bucket/models")
         if s3 and not args.get("s3_endpoint"):
             args["s3_endpoint"] = s3
     s = _merge(DEFAULTS, args, "serve")
