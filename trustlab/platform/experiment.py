@@ -37,6 +37,12 @@ def summarize(cfg: dict, run_dir: str, metrics: dict, extra_lines=()) -> str:
             if m:
                 lines.append(f"{split:>5} {level:<6} " + "  ".join(
                     f"{k} {m[k]:.4f}" for k in ("auc", "ap", "eer", "acc") if k in m) + f"  (n={m.get('n')})")
+    rows = [("method", metrics)] + sorted((metrics.get("baselines") or {}).items())
+    for name, m in rows:  # FSCIL: accuracy per session, average, performance drop
+        if isinstance(m, dict) and m.get("sessions"):
+            lines.append(f"{name:>12} sessions " + " ".join(f"{a:.2f}" for a in m["sessions"])
+                         + f"  average {m.get('average', float('nan')):.2f}  PD {m.get('pd', float('nan')):.2f}"
+                         + f"  last {m.get('last', float('nan')):.2f}")
     lines.extend(extra_lines)
     text = "\n".join(lines)
     with open(os.path.join(run_dir, "summary.txt"), "w") as f:
@@ -101,7 +107,8 @@ def train(cfg: dict) -> dict:
                                                       "stage": state.get("stage")},
                                          "train_seconds": time.time() - t0})
     summarize(cfg, run_dir, metrics, [f"best checkpoint: epoch {state.get('epoch')} of stage "
-                                      f"{state.get('stage')} (selected on val) -> {run_dir}/checkpoints/best.pt",
+                                      f"{state.get('stage')} (best val_score, or latest for non-selecting stages) -> "
+                                      f"{run_dir}/checkpoints/best.pt",
                                       f"wall time {time.time() - t0:.0f}s"])
     return metrics
 
