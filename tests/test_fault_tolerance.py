@@ -10,7 +10,8 @@ Progress comes from the workers' own log lines (rank 0 prints every step with it
 to the driver by Ray) and from the run's storage: Ray Train registers a reported checkpoint when
 its controller next polls the workers (every 2 s) and only then writes the checkpoint manager's
 snapshot next to the checkpoints; a checkpoint not yet registered when its worker dies is not
-resumed from. So each kill waits for that snapshot. The PIDs killed are checked against Ray's
+resumed from. So each kill waits until the snapshot names the checkpoint the run should resume
+from. The PIDs killed are checked against Ray's
 state API.
 """
 from __future__ import annotations
@@ -62,10 +63,13 @@ def alive(pid: int) -> bool:
         return False
 
 
-def train_worker_pids() -> set[int]:
+def train_worker_pids(address: str) -> set[int]:
+    """PIDs of the live Ray Train workers of the cluster at ``address`` (Ray's state API; the
+    address is explicit because other Ray instances may run on the same machine)."""
     from ray.util.state import list_actors
 
-    return {a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return {a.pid for a in actors}
 
 
 def wait_for(cond, timeout: float, what: str, poll: float = 0.1):
@@ -98,6 +102,23 @@ def local_checkpoints(run_root, name) -> list[dict]:
     return sorted(states, key=lambda s: s["epoch"])
 
 
+def registered_epochs(storage_dir: str, cache: dict) -> list[int]:
+    """Epochs of the checkpoints Ray Train has registered: those its snapshot names."""
+    try:
+        with open(os.path.join(storage_dir, SNAPSHOT)) as f:
+            snap = f.read()
+    except FileNotFoundError:
+        return []
+    out = []
+    for c in os.listdir(storage_dir):
+        if c.startswith("checkpoint_") and c in snap:
+            if c not in cache:
+                cache[c] = int(torch.load(os.path.join(storage_dir, c, "model.pt"), map_location="cpu",
+                                          weights_only=False)["epoch"])
+            out.append(cache[c])
+    return sorted(out)
+
+
 class Log:
     """Accumulates what pytest captured (the driver's output, with the workers' forwarded lines)."""
 
@@ -122,16 +143,19 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_head, tmp_path
     shot: dict = {}
     stop = threading.Event()
 
-    snapshot = os.path.join(tmp_path, "killed", "ray", "killed-train", SNAPSHOT)
+    storage_dir = os.path.join(tmp_path, "killed", "ray", "killed-train")
+    seen: dict = {}
 
-    def killer():  # kill rank 0 inside epoch 2, once epoch 1's checkpoint is registered
+    def killer():  # kill rank 0 inside the epoch after the last registered checkpoint
         try:
             while not stop.is_set():
-                hit = mid_epoch_step(log.poll(), epoch=2, min_step=1)
-                if hit and os.path.exists(snapshot):
+                text = log.poll()
+                reg = registered_epochs(storage_dir, seen)
+                hit = reg and max(reg) < EPOCHS and mid_epoch_step(text, epoch=max(reg) + 1, min_step=1)
+                if hit:
                     pid, step = hit
-                    pids = train_worker_pids()
-                    shot.update(pid=pid, step=step, workers=pids, t=time.time())
+                    pids = train_worker_pids(ray_head["address"])
+                    shot.update(pid=pid, step=step, workers=pids, registered=max(reg))
                     assert pid in pids, (pid, pids)
                     os.kill(pid, signal.SIGKILL)
                     return
@@ -149,18 +173,19 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_head, tmp_path
     text = log.poll()
     (tmp_path / "driver.log").write_text(text)
     assert "error" not in shot, shot.get("error")
-    assert "pid" in shot, f"the worker was never seen mid-epoch 2 (log: {tmp_path / 'driver.log'})"
-    pid = shot["pid"]
-    print(f"killed RayTrainWorker pid {pid} (of {sorted(shot['workers'])}) at epoch 2 step {shot['step']}")
+    assert "pid" in shot, f"no worker was seen mid-epoch after a registered checkpoint (log: {tmp_path / 'driver.log'})"
+    pid, last = shot["pid"], shot["registered"]
+    print(f"killed RayTrainWorker pid {pid} (of {sorted(shot['workers'])}) at epoch {last + 1} step "
+          f"{shot['step']}; last registered checkpoint: epoch {last}")
     assert len(shot["workers"]) == 2 and not alive(pid)
-    # it died inside epoch 2: it logged steps of epoch 2 but never finished it
-    assert any(int(p) == pid and int(e) == 2 for p, e, _ in STEP.findall(text))
-    assert not any(int(p) == pid and int(e) == 2 for p, e in DONE.findall(text))
-    # a new worker group resumed from epoch 1's checkpoint and finished
+    # it died inside epoch last+1: it logged steps of that epoch but never finished it
+    assert any(int(p) == pid and int(e) == last + 1 for p, e, _ in STEP.findall(text))
+    assert not any(int(p) == pid and int(e) == last + 1 for p, e in DONE.findall(text))
+    # a new worker group resumed from the last registered checkpoint and finished
     resumed = [(int(p), int(e)) for p, e in RESUMED.findall(text)]
     hist = killed["train_history"]["train"]
-    assert hist["resumed_from_epoch"] == 1 and hist["epoch"] == EPOCHS, (hist, str(tmp_path / "driver.log"))
-    assert resumed and all(p != pid for p, _ in resumed) and {e for _, e in resumed} == {1}, resumed
+    assert hist["resumed_from_epoch"] == last and hist["epoch"] == EPOCHS, (hist, str(tmp_path / "driver.log"))
+    assert resumed and all(p != pid for p, _ in resumed) and {e for _, e in resumed} == {last}, resumed
     # one checkpoint per epoch: resumed, not restarted from scratch (that would repeat epoch 1)
     ck_clean, ck_killed = local_checkpoints(tmp_path, "clean"), local_checkpoints(tmp_path, "killed")
     assert [s["epoch"] for s in ck_killed] == list(range(1, EPOCHS + 1))
@@ -171,9 +196,9 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_head, tmp_path
     loss_c = [s["metrics"]["train_loss"] for s in ck_clean]
     loss_k = [s["metrics"]["train_loss"] for s in ck_killed]
     print("train loss per epoch: clean", [round(x, 4) for x in loss_c], "killed", [round(x, 4) for x in loss_k])
-    # epoch 2 continued from the restored weights: its loss is the clean run's epoch-2 loss, far
-    # from a fresh model's epoch-1 loss
-    assert abs(loss_k[1] - loss_c[1]) < 0.5 * abs(loss_c[0] - loss_c[1]), (loss_c, loss_k)
+    # the first epoch after the restart continued from the restored weights: its loss is the clean
+    # run's loss for that epoch, far from a fresh model's first-epoch loss
+    assert abs(loss_k[last] - loss_c[last]) < 0.5 * abs(loss_c[0] - loss_c[last]), (loss_c, loss_k)
     # the models compared were selected (on val) after the kill, and score like the clean one
     assert clean["selected"]["epoch"] >= 2 and killed["selected"]["epoch"] >= 2, (clean["selected"], killed["selected"])
     for split in ("val", "test"):
@@ -262,7 +287,7 @@ def test_s3_checkpoints_survive_a_driver_restart(ray_head, s3, tmp_path, data_ro
         reader.join(10)
     (tmp_path / "driver1.log").write_text("".join(lines))
     # the job's actors die with their driver
-    wait_for(lambda: not train_worker_pids(), 60, "the dead driver's training workers to exit", poll=1.0)
+    wait_for(lambda: not train_worker_pids(ray_head["address"]), 60, "the dead driver's training workers to exit", poll=1.0)
     before = s3_checkpoints(s3["client"], prefix)
     epochs_before = s3_epochs(s3["client"], before)
     assert epochs_before and max(epochs_before) < epochs, "driver 1 finished before it was killed"
