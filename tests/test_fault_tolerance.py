@@ -287,7 +287,8 @@ def test_s3_checkpoints_survive_a_driver_restart(ray_head, s3, tmp_path, data_ro
         reader.join(10)
     (tmp_path / "driver1.log").write_text("".join(lines))
     # the job's actors die with their driver
-    wait_for(lambda: not train_worker_pids(ray_head["address"]), 60, "the dead driver's training workers to exit", poll=1.0)
+    wait_for(lambda: not train_worker_pids(ray_head["address"]), 60,
+             "the dead driver's training workers to exit", poll=1.0)
     before = s3_checkpoints(s3["client"], prefix)
     epochs_before = s3_epochs(s3["client"], before)
     assert epochs_before and max(epochs_before) < epochs, "driver 1 finished before it was killed"
