@@ -4,6 +4,7 @@ Plain PyTorch, no Ray."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import ci_overrides, compose
@@ -15,6 +16,15 @@ from trustlab.platform.registry import get_method
 TINY = ["method.data.backend=memory", "method.data.size=32", "method.data.frames_per_video=8", "method.data.clip_len=4",
         "method.dim=64", "method.depth=1", "method.heads=2", "method.tcm.proj_dim=32", "method.head.hidden=32"]
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models on a shared 2-CPU machine: one intra-op thread avoids oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 def cfg_of(*ov):
     return compose(["method=naco", *TINY, *ov])
@@ -51,7 +61,7 @@ def real_clip_data(cfg):
 
 
 def test_pretrain_uses_real_clips_only_and_ssl_losses_decrease():
-    cfg = cfg_of("method.data.n_videos_per_class=20", "trainer.batch_size=16", "method.lr.pretrain_ssl=0.002",
+    cfg = cfg_of("method.data.n_videos_per_class=10", "method.batch_size=6", "method.lr.pretrain_ssl=0.003",
                  "method.data.targets=[]")
     method = get_method("naco")
     data = V.build_video_data(cfg)
@@ -59,10 +69,10 @@ def test_pretrain_uses_real_clips_only_and_ssl_losses_decrease():
     assert set(sd) == {"train", "val"} and (sd["train"]["y"] == 0).all() and (sd["val"]["y"] == 0).all()
     assert len(sd["train"]["y"]) == (data["train"]["y"] == 0).sum() > 0
     torch.manual_seed(0)
-    _, hist = V.local_fit(method, cfg, data, stages=["pretrain_ssl"], epochs=6)
+    _, hist = V.local_fit(method, cfg, data, stages=["pretrain_ssl"], epochs=15)
     h = hist["pretrain_ssl"]
-    first = {k: np.mean([e[k] for e in h[:2]]) for k in ("spm", "tcm")}
-    last = {k: np.mean([e[k] for e in h[-2:]]) for k in ("spm", "tcm")}
+    first = {k: np.mean([e[k] for e in h[:3]]) for k in ("spm", "tcm")}
+    last = {k: np.mean([e[k] for e in h[-3:]]) for k in ("spm", "tcm")}
     assert last["spm"] < 0.85 * first["spm"], (first, last)
     assert last["tcm"] < 0.85 * first["tcm"], (first, last)
 
@@ -76,7 +86,7 @@ def test_ablation_switches_turn_modules_off():
         assert absent not in out and out["loss"].requires_grad
     cfg = cfg_of("method.spm.weight=0", "method.tcm.weight=0")
     out = ssl_losses(NACONet(cfg, "pretrain_ssl").train(), x, cfg)
-    assert float(out["loss"]) == 0.0
+    assert float(out["loss"].detach()) == 0.0
 
 
 def test_finetune_head_freezes_the_backbone():

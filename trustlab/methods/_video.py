@@ -7,10 +7,10 @@ Holds what the three share and that is not generic platform machinery:
   of ``method.data.sets``; the source gives ``train``/``val``/``test`` (in-domain), each target
   gives ``target:<name>`` (its test videos, cross-domain) and ``unlabelled:<name>`` (its train
   videos, used only by a method that adapts on unlabelled target clips);
-- data loading: the streamed video data plane (``trustlab.platform.data.video.clip_datasets`` on
-  manifests from ``synth_video.build_synth_video_manifest`` or a given manifest) when
-  ``method.data.backend`` is ``stream`` (or ``auto`` and the data plane is importable), else an
-  in-memory synthetic clip generator (``synth_clip_arrays``) with the same row schema;
+- data loading (``backend``): the video data plane (``trustlab.platform.data.video.clip_datasets``:
+  generated mp4 sets or real datasets, decord, face crops, Parquet crop cache) streamed into the
+  workers or collected into arrays, or an in-memory synthetic clip generator
+  (``synth_clip_arrays``) with the same row schema;
 - clip augmentation, a plain-PyTorch stage runner (``local_fit``: the generic loop on one
   process, used by tests and benchmarks), and the ``after_train`` report (cross-domain metrics,
   robustness sweep, ablation runs through the same Ray Train path as the main run).
@@ -154,37 +154,91 @@ def synth_clip_arrays(seed: int, n_videos: dict, manipulations, n_frames: int, c
 
 
 # ----------------------------------------------------------------------------- protocol + data
+def external_source(cfg: dict) -> str | None:
+    """The data group's dataset name when one was chosen (``data=ffpp data.root=...``), else None."""
+    name = (cfg.get("data") or {}).get("name")
+    return None if name in (None, "auto") else str(name)
+
+
 def protocol(cfg: dict) -> tuple[str, list[str]]:
-    """``(source, [targets])``: ``data.train`` / ``data.test`` when the data group declares them,
-    else ``method.data.source`` / ``method.data.targets``; names are keys of ``method.data.sets``."""
+    """``(source, [targets])`` of the cross-dataset protocol. Source: ``data.train`` when the data
+    group declares it, else the data group itself when one is chosen (``data=ffpp ...``), else
+    ``method.data.source``. Targets: ``data.test`` when declared, else ``method.data.targets``.
+    Names other than the data group's are keys of ``method.data.sets``."""
     d, m = cfg.get("data", {}) or {}, cfg["method"]["data"]
-    source = d.get("train") or m["source"]
+    source = d.get("train") or external_source(cfg) or m["source"]
     targets = d.get("test") if d.get("test") not in (None, [], "") else m.get("targets", [])
     if isinstance(targets, str):
         targets = [t for t in targets.strip("[]").split(",") if t.strip()]
     targets = [str(t).strip() for t in targets]
-    sets = m["sets"]
     for n in [source, *targets]:
-        if n not in sets:
-            raise ValueError(f"unknown video set {n!r}; method.data.sets has: {', '.join(sets)}")
+        if n not in m["sets"] and n != external_source(cfg):
+            raise ValueError(f"unknown video set {n!r}; method.data.sets has: {', '.join(m['sets'])}")
     return str(source), targets
 
 
+def set_spec(cfg: dict, name: str) -> dict:
+    """A set's own entry: the data group's config for the chosen external dataset, else
+    ``method.data.sets[name]``."""
+    if name == external_source(cfg) and name not in cfg["method"]["data"]["sets"]:
+        return dict(cfg["data"])
+    return dict(cfg["method"]["data"]["sets"][name])
+
+
 def backend(cfg: dict) -> str:
-    """``stream`` (the Ray Data video plane) or ``memory`` (in-memory synthetic clips)."""
+    """How clips reach the workers (``method.data.backend``):
+
+    - ``stream``: Ray Datasets from the video data plane, streamed into the Ray Train workers
+      (needs CPUs left over for Ray Data next to the training workers);
+    - ``dataplane``: the same data plane (mp4 -> decord -> face crops, Parquet crop cache), the
+      clips collected into arrays on the driver (small sets; for machines whose CPUs the
+      training workers take entirely, where a stream would wait forever for a CPU);
+    - ``memory``: in-process synthetic clips (``synth_clip_arrays``; no video files);
+    - ``auto``: ``stream`` when the cluster has at least one CPU beyond the training workers',
+      else ``dataplane``; ``memory`` when the data plane cannot be imported.
+    """
     want = cfg["method"]["data"].get("backend", "auto")
-    if want in ("stream", "memory"):
+    if want in ("stream", "dataplane", "memory"):
+        if want == "memory" and external_source(cfg):
+            raise ValueError("a dataset chosen with data=<name> needs backend stream or dataplane")
         return want
+    if want != "auto":
+        raise ValueError(f"method.data.backend must be auto, stream, dataplane or memory; got {want!r}")
     try:
         from trustlab.platform.data import synth_video, video  # noqa: F401
     except Exception:
+        if external_source(cfg):
+            raise
         return "memory"
-    return "stream"
+    try:
+        import ray
+
+        if ray.is_initialized():
+            t = cfg["trainer"]
+            spare = ray.cluster_resources().get("CPU", 0) - int(t["num_workers"]) * float(t["cpus_per_worker"])
+            return "stream" if spare >= 1 else "dataplane"
+    except Exception:
+        pass
+    return "dataplane"
+
+
+def collect(ds, keys=("x", "y", "vid", "clip", "manipulation")) -> dict:
+    """A (small) Ray Dataset split as a dict of numpy arrays."""
+    parts = list(ds.iter_batches(batch_size=256, batch_format="numpy"))
+    parts = [p for p in parts if len(p.get("y", ())) > 0]
+    if not parts:
+        raise ValueError("a video split produced no clips (all files bad or none listed)")
+    out = {}
+    for k in keys:
+        if k in parts[0]:
+            v = np.concatenate([np.asarray(p[k]) for p in parts])
+            out[k] = v.astype(str) if v.dtype == object else v
+    return out
 
 
 def _set_seed(cfg: dict, name: str) -> int:
     """Each set draws from its own seed, so the real videos of two sets differ too."""
-    return int(cfg["seed"]) * 1000 + int(cfg["method"]["data"]["sets"][name].get("seed_offset", 0))
+    return int(cfg["seed"]) * 1000 + int(set_spec(cfg, name).get("seed_offset", 0))
 
 
 def split_counts(n: int, fractions) -> dict:
@@ -193,32 +247,39 @@ def split_counts(n: int, fractions) -> dict:
     return {"train": n_tr, "val": n_va, "test": max(0, n - n_tr - n_va)}
 
 
-SET_KEYS = ("name", "manifest", "root", "adapter", "keep_manipulations", "store", "bucket", "prefix")
-
-
-def stream_config(cfg: dict, name: str) -> dict:
+def stream_config(cfg: dict, name: str, vid_offset: int = 0) -> dict:
     """The data-plane config (``trustlab.platform.data.video.DEFAULTS`` keys) of one set: the
-    set's own entry (``name``, ``manifest``, ``root``, ``synth`` ...) over the method's shared
-    sampling knobs."""
+    set's own entry (``name``, ``manifest``, ``root``, adapter keys ...; for a data group chosen
+    on the command line, the whole group) with the method's sampling knobs over it
+    (``frames_per_video``, ``clip_len``, ``size``: the model is built for them) and, for a
+    generated set, the method's ``synth`` knobs."""
     d = cfg["method"]["data"]
-    spec = d["sets"][name]
-    out = dict(d.get("stream") or {})
+    spec = set_spec(cfg, name)
+    external = name == external_source(cfg) and name not in d["sets"]
+    out = {} if external else {"root": d["root"], "cache": d.get("cache")}
+    out.update(d.get("stream") or {})
+    out.update({k: v for k, v in spec.items() if k not in ("manipulations", "seed_offset", "strength", "synth")})
     out.update(frames_per_video=int(d["frames_per_video"]), clip_len=int(d["clip_len"]), size=int(d["size"]),
-               root=d["root"], cache=d.get("cache"))
-    out.update({k: spec[k] for k in SET_KEYS if k in spec})
+               vid_offset=int(vid_offset))
     out.setdefault("name", "synth_video")
-    out["synth"] = {"n_videos_per_class": int(d["n_videos_per_class"]), "n_frames": int(d["n_frames"]),
-                    "frame_size": int(d["frame_size"]), "strength": float(spec.get("strength", d.get("strength", 1.0))),
-                    "manipulations": list(spec.get("manipulations") or [])}
+    if out["name"] == "synth_video" and not out.get("manifest"):
+        synth = dict(spec.get("synth") or {})
+        synth.update(n_videos_per_class=int(spec.get("n_videos_per_class", d["n_videos_per_class"])),
+                     n_frames=int(d["n_frames"]), frame_size=int(d["frame_size"]),
+                     strength=float(spec.get("strength", d.get("strength", 1.0))))
+        if spec.get("manipulations"):
+            synth["manipulations"] = list(spec["manipulations"])
+        out["synth"] = synth
     return out
 
 
 def _memory_set(cfg: dict, name: str, splits, vid_offset: int) -> dict:
     d = cfg["method"]["data"]
-    spec = d["sets"][name]
+    spec = set_spec(cfg, name)
     if spec.get("manifest") or spec.get("name", "synth_video") != "synth_video":
         raise ValueError(f"set {name!r} is a real dataset: it needs method.data.backend=stream")
-    counts = split_counts(int(d["n_videos_per_class"]), d.get("split_fractions", (0.6, 0.2, 0.2)))
+    counts = split_counts(int(spec.get("n_videos_per_class", d["n_videos_per_class"])),
+                          d.get("split_fractions", (0.6, 0.2, 0.2)))
     return synth_clip_arrays(_set_seed(cfg, name), {s: counts[s] for s in splits}, list(spec["manipulations"]),
                              int(d["frames_per_video"]), int(d["clip_len"]), int(d["size"]),
                              float(spec.get("strength", d.get("strength", 1.0))), vid_offset=vid_offset)
@@ -231,7 +292,7 @@ def _stream_set(cfg: dict, name: str, splits, vid_offset: int) -> dict:
     """Ray Datasets of one set through the data plane (streamed; decoded when iterated)."""
     from trustlab.platform.data.video import clip_datasets
 
-    dsets, report = clip_datasets(stream_config(cfg, name), splits=tuple(splits), seed=_set_seed(cfg, name),
+    dsets, report = clip_datasets(stream_config(cfg, name, vid_offset), splits=tuple(splits), seed=_set_seed(cfg, name),
                                   s3_endpoint=cfg["run"].get("s3_endpoint"))
     _REPORTS.append((name, report))
     return dsets
@@ -248,13 +309,31 @@ def bad_file_summary() -> dict:
     return out
 
 
+def apply_batch_size(cfg: dict) -> None:
+    """``method.batch_size`` (per worker; null = leave ``trainer.batch_size``) wins over the
+    trainer group's default, which is sized for single images. Written into ``cfg`` before any
+    stage starts, so the Ray Train workers (which get this ``cfg``) use it."""
+    bs = cfg["method"].get("batch_size")
+    if bs:
+        cfg["trainer"]["batch_size"] = int(bs)
+
+
 def build_video_data(cfg: dict, unlabelled_targets: bool = False) -> dict:
     """Splits of the cross-dataset protocol: ``train``/``val``/``test`` from the source set,
     ``target:<name>`` (test videos) for each target and, when ``unlabelled_targets``,
     ``unlabelled:<name>`` (the target's train videos; its labels are still attached here and must
     be removed by the stage that uses it, see ``mask_labels``)."""
+    apply_batch_size(cfg)
     source, targets = protocol(cfg)
-    load = _stream_set if backend(cfg) == "stream" else _memory_set
+    how = backend(cfg)
+    if how == "memory":
+        load = _memory_set
+    elif how == "stream":
+        load = _stream_set
+    else:
+        def load(c, n, splits, off):
+            return {k: collect(v) for k, v in _stream_set(c, n, splits, off).items()}
+    print(f"[video] {how} data: source {source}, targets {targets}", flush=True)
     out = dict(load(cfg, source, ("train", "val", "test"), 0))
     for i, t in enumerate(targets):
         got = load(cfg, t, ("train", "test") if unlabelled_targets else ("test",), (i + 1) * 1_000_000)
@@ -298,6 +377,19 @@ def with_domain(split, domain: int = 0):
     if isinstance(split, dict):
         return _keep_columns(split, split["y"], domain)
     return split.map_batches(lambda b: _keep_columns(b, b["y"], domain), batch_format="numpy")
+
+
+def subsample(split, n: int, seed: int):
+    """At most ``n`` rows of a split: a seeded random subset (arrays), or a seeded random sample of
+    about that many rows (Dataset). The choice depends on the row count only, never on labels."""
+    if isinstance(split, dict):
+        m = len(split["x"])
+        if m <= n:
+            return split
+        idx = np.sort(np.random.default_rng(seed).choice(m, n, replace=False))
+        return {k: np.asarray(v)[idx] for k, v in split.items()}
+    m = split.count()
+    return split if m <= n else split.random_sample(n / m, seed=seed)
 
 
 def concat_splits(a, b):
@@ -369,14 +461,13 @@ class FrameTokens(torch.nn.Module):
 
 
 def clip_summary(h: torch.Tensor) -> torch.Tensor:
-    """(B, T, P, D) spatiotemporal representation -> (B, 2D): its mean, and the mean absolute
-    change of the per-frame representation between consecutive frames (what shuffling the
-    frames or per-frame forgery flicker disturbs)."""
-    per_frame = h.mean(2)
+    """(B, T, P, D) spatiotemporal representation -> (B, 2D): its mean over frames and
+    positions, and the mean absolute change of each position's token between consecutive frames
+    (what shuffling the frames or per-frame forgery flicker disturbs; zeros for one frame)."""
+    mean = h.mean((1, 2))
     if h.shape[1] < 2:
-        return torch.cat([per_frame.mean(1), torch.zeros_like(per_frame[:, 0])], -1)
-    return torch.cat([per_frame.mean(1), (per_frame[:, 1:] - per_frame[:, :-1]).abs().mean(1)], -1)
-
+        return torch.cat([mean, torch.zeros_like(mean)], -1)
+    return torch.cat([mean, (h[:, 1:] - h[:, :-1]).abs().mean((1, 2))], -1)
 
 
 # ----------------------------------------------------------------------------- plain-PyTorch runner
@@ -394,6 +485,7 @@ def local_fit(method, cfg: dict, data: dict, stages=None, epochs: int | None = N
     permutation per epoch, ``stage_data``, ``loss_step``, the method's optimizer; the last
     epoch's model goes on to the next stage). For tests and benchmarks; the platform trains
     through Ray Train. Returns ``(model, {stage: [mean train loss parts per epoch]})``."""
+    apply_batch_size(cfg)
     stages = list(stages or method.stages(cfg))
     history = {}
     state = init_state
@@ -501,7 +593,7 @@ def video_report(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
     model.eval()
     full = evaluate_protocol(method, model, data, cfg)
     out = {"protocol": {"source": source, "targets": targets, "backend": backend(cfg),
-                        "sets": {n: cfg["method"]["data"]["sets"][n] for n in [source, *targets]}},
+                        "sets": {n: set_spec(cfg, n) for n in [source, *targets]}},
            "cross_domain": full["cross_domain"]}
     rb = cfg["method"].get("robustness", {}) or {}
     if rb.get("enabled", True) and "test" in data:

@@ -19,9 +19,14 @@ Our choices (config; nothing else is known):
   augmentations of the same clip are positives, other clips of the batch negatives (InfoNCE,
   ``contrast.temperature``); loss ``recon.weight * L_rec + contrast.weight * L_con``;
 - stage ``adapt``: the backbone is frozen (eval mode, no gradients); the linear head reads the
-  mean ViT output and the mean absolute change of the per-frame representation. Each training
+  mean ViT output and the mean absolute frame-to-frame change of each token
+  (``_video.clip_summary``), standardised by a BatchNorm without affine parameters (batch
+  statistics of the mixed source/target batches in training, running statistics at evaluation:
+  a fixed standardisation, so the head stays linear). Each training
   batch mixes labelled source clips (binary cross-entropy) and unlabelled target clips, whose
   label column was replaced by -1 in ``stage_data`` before the stage starts (``mask_labels``).
+  At most ``adapt.max_target_clips`` unlabelled clips (a seeded subset, split evenly over the
+  targets) join the source clips, to bound the stage's cost.
   Semi-supervised target loss (our choice, FixMatch-style with an information-maximisation
   prior): the head's prediction on the clean target clip is a pseudo-label, kept when its
   confidence ``max(p, 1-p) >= adapt.threshold``, and trains the prediction on a strongly
@@ -62,7 +67,9 @@ class LASTNet(nn.Module):
         bb.norm = nn.LayerNorm(d)
         self.decoder = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))  # latent reconstruction
         self.projector = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, int(m["contrast"]["proj_dim"])))
-        self.head = nn.Linear(2 * d, 1)  # the transferable linear head
+        # the transferable linear head, on standardised features (BatchNorm without affine
+        # parameters: a fixed per-feature standardisation at evaluation, so still linear)
+        self.head = nn.Sequential(nn.BatchNorm1d(2 * d, affine=False), nn.Linear(2 * d, 1))
         self.frozen = stage == "adapt"
         if self.frozen:
             for n, p in self.named_parameters():
@@ -131,32 +138,36 @@ def strong_augment(x: torch.Tensor) -> torch.Tensor:
 
 def adapt_losses(model: LASTNet, batch: dict, cfg: dict, step: int) -> dict:
     """Source BCE on labelled rows (y >= 0) + ramped pseudo-label / diversity loss on the
-    unlabelled rows (y == -1). Target rows contribute through their images only."""
+    unlabelled rows (y == -1). Target rows contribute through their images only. All views go
+    through the frozen backbone and the head in one call, so the head's standardisation sees one
+    joint batch (source, target, strongly augmented target)."""
     a = cfg["method"]["adapt"]
     x, y = batch["x"], batch["y"]
     src, tgt = y >= 0, y == V.UNLABELLED
+    use_t = bool(tgt.any()) and float(a["target_weight"]) > 0
+    ns, nt = int(src.sum()), int(tgt.sum()) if use_t else 0
+    xs = V.augment_clip(x[src]) if model.training else x[src]
+    views = [xs]
+    if use_t:
+        views += [x[tgt], strong_augment(x[tgt]) if model.training else x[tgt]]
+    logits = model(torch.cat(views))
     out = {}
-    loss = x.new_zeros(())
-    if src.any():
-        xs = V.augment_clip(x[src]) if model.training else x[src]
-        ls = model(xs)
+    loss = logits.new_zeros(())
+    if ns:
+        ls = logits[:ns]
         out["source"] = F.binary_cross_entropy_with_logits(ls, y[src].float())
         out["source_acc"] = ((ls > 0).long() == y[src]).float().mean()
         loss = loss + out["source"]
-    w = float(a["target_weight"]) * min(1.0, step / max(1, int(a["warmup_steps"])))
-    if tgt.any() and float(a["target_weight"]) > 0:
-        xt = x[tgt]
-        with torch.no_grad():
-            p = torch.sigmoid(model(xt))
-        conf = torch.maximum(p, 1 - p)
-        keep = conf >= float(a["threshold"])
-        lt = model(strong_augment(xt) if model.training else xt)
-        pt = torch.sigmoid(lt)
+    if use_t:
+        w = float(a["target_weight"]) * min(1.0, step / max(1, int(a["warmup_steps"])))
+        p = torch.sigmoid(logits[ns : ns + nt].detach())  # pseudo-labels from the clean view
+        lt = logits[ns + nt :]  # predictions on the strong view
+        keep = torch.maximum(p, 1 - p) >= float(a["threshold"])
         pseudo = F.binary_cross_entropy_with_logits(lt[keep], (p[keep] > 0.5).float()) if keep.any() else lt.sum() * 0
-        mean_p = pt.mean().clamp(1e-6, 1 - 1e-6)
-        div = -(-(mean_p * mean_p.log() + (1 - mean_p) * (1 - mean_p).log()))  # minus the entropy of the mean
-        out.update(target_pseudo=pseudo, target_kept=keep.float().mean(), target_diversity=div)
-        loss = loss + w * (pseudo + float(a["diversity"]) * div)
+        mean_p = torch.sigmoid(lt).mean().clamp(1e-6, 1 - 1e-6)
+        neg_entropy = mean_p * mean_p.log() + (1 - mean_p) * (1 - mean_p).log()
+        out.update(target_pseudo=pseudo, target_kept=keep.float().mean(), target_diversity=neg_entropy)
+        loss = loss + w * (pseudo + float(a["diversity"]) * neg_entropy)
     out["loss"] = loss
     return out
 
@@ -187,9 +198,13 @@ class LAST(MethodBase):
         if stage == "pretrain_ssl":
             return {k: V.real_only(data[k]) for k in ("train", "val") if k in data}
         train = V.with_domain(data["train"], 0)
-        for k in sorted(data):
-            if k.startswith("unlabelled:"):
-                train = V.concat_splits(train, V.mask_labels(data[k], 1))
+        names = sorted(k for k in data if k.startswith("unlabelled:"))
+        cap = cfg["method"]["adapt"].get("max_target_clips")
+        for i, k in enumerate(names):
+            tgt = V.mask_labels(data[k], 1)
+            if cap:  # a seeded random subset of each target's clips (same rows whatever the labels)
+                tgt = V.subsample(tgt, int(cap) // len(names), int(cfg["seed"]) + i)
+            train = V.concat_splits(train, tgt)
         return {"train": train, "val": data["val"]}
 
     def build_model(self, cfg: dict, stage: str) -> nn.Module:

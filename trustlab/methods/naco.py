@@ -28,8 +28,8 @@ Our choices (config, swept by Tune where marked):
 - stage ``pretrain_ssl``: real clips only (``stage_data``), loss ``spm.weight * L_spm +
   tcm.weight * L_tcm`` (weights: Tune); not selected on a detection metric (latest checkpoint);
 - stage ``finetune_head``: CNN, embeddings and Transformer frozen (eval mode, no gradients); an
-  MLP head reads the mean Transformer output and the mean absolute change of the per-frame
-  representation between consecutive frames (how "naturally consistent" the clip is);
+  MLP head reads the mean Transformer output and the mean absolute change of each token between
+  consecutive frames (``_video.clip_summary``: how "naturally consistent" the clip is);
   binary cross-entropy; checkpoints selected on validation AUC;
 - ablation: each module off in turn (``spm.weight=0`` / ``tcm.weight=0``), trained in the same
   run with the same data, seed and epochs.

@@ -129,6 +129,14 @@ class STDT(MethodBase):
     def stage_data(self, cfg: dict, stage: str, data: dict) -> dict:
         return {k: data[k] for k in ("train", "val") if k in data}
 
+    def stage_epochs(self, cfg: dict, stage: str) -> int:
+        return int(cfg["method"].get("epochs") or cfg["trainer"]["epochs"])
+
+    def configure_optimizer(self, model, cfg, stage):
+        t = cfg["trainer"]
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                 lr=float(cfg["method"].get("lr") or t["lr"]), weight_decay=float(t["weight_decay"]))
+
     def build_model(self, cfg: dict, stage: str) -> nn.Module:
         return STDTNet(cfg)
 
