@@ -99,6 +99,7 @@ DETECTOR_KEYS = ("name", "checkpoint", "method", "num_replicas", "max_batch_size
                  "max_ongoing_requests", "num_cpus", "num_gpus", "torch_threads")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
 MODALITIES = ("image", "face", "video")
+FREE_MAPPINGS = ("env", "weights")  # mappings whose keys are the user's (not checked against DEFAULTS)
 
 
 class GraphConfigError(ValueError):
@@ -111,7 +112,7 @@ def _merge(base: dict, over: dict, where: str) -> dict:
     if unknown:
         raise GraphConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {', '.join(sorted(base))}")
     for k, v in over.items():
-        if isinstance(base[k], dict) and k not in ("env",) and k != "weights":
+        if isinstance(base[k], dict) and k not in FREE_MAPPINGS:
             if not isinstance(v, dict):
                 raise GraphConfigError(f"{where}.{k} must be a mapping, got {type(v).__name__}")
             out[k] = _merge(base[k], v, f"{where}.{k}")
