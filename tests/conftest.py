@@ -20,6 +20,8 @@ BIN = os.path.dirname(sys.executable)
 # machine's routable address; this switch makes it use the loopback address).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# slow worker starts on a busy 2-core machine must not trigger Train's retry-with-a-new-group loop
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 
 def free_port() -> int:

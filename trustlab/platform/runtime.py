@@ -10,6 +10,10 @@ def init_ray(cfg: dict | None = None) -> dict:
     """``ray.init`` once. Under ``ray job submit`` (or with ``RAY_ADDRESS``/``ray.address`` set)
     this joins that cluster; otherwise it starts a local Ray with this machine's CPUs and GPUs."""
     rcfg = (cfg or {}).get("ray", {}) or {}
+    # Ray Train gives a worker group 60 s to start, then retries with a new placement group while
+    # the old one is still being released; on a loaded machine (importing torch in several
+    # workers at once) that retry loop can hold every CPU. Allow a slow start instead.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     if not ray.is_initialized():
         address = rcfg.get("address") or os.environ.get("RAY_ADDRESS")
         kw = dict(log_to_driver=True, ignore_reinit_error=True)
