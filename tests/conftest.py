@@ -134,3 +134,22 @@ def ci_overrides(method: str) -> list[str]:
 
     y = OmegaConf.load(os.path.join(CONF_DIR, "method", f"{method}.yaml"))
     return list(y.get("ci_overrides", []))
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_train_controllers(request):
+    """Between tests no Ray Train run is active, yet a finished run's TrainController actor can
+    linger (seen after a resumed run) and keep its worker placement group, starving the next
+    test's workers. Before each test on the session cluster, end such leftovers by PID."""
+    if "ray_head" in request.fixturenames:
+        request.getfixturevalue("ray_head")
+        try:
+            from ray.util.state import list_actors
+
+            for a in list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")],
+                                 limit=100, raise_on_missing_output=False):
+                if a.pid:
+                    stop_pids([int(a.pid)], timeout=5)
+        except Exception as e:  # the state API is best effort; never fail a test here
+            print(f"[conftest] could not check for leftover Train controllers: {e}")
+    yield
