@@ -278,6 +278,7 @@ def test_s3_checkpoints_survive_a_driver_restart(ray_head, s3, tmp_path, data_ro
 
     try:
         wait_for(registered, 240, "a checkpoint registered on S3", poll=0.05)
+        workers = train_worker_pids(ray_head["address"])
         proc.kill()
         proc.wait(30)
     finally:
@@ -286,10 +287,19 @@ def test_s3_checkpoints_survive_a_driver_restart(ray_head, s3, tmp_path, data_ro
             proc.wait(30)
         reader.join(10)
     (tmp_path / "driver1.log").write_text("".join(lines))
-    # the job's actors die with their driver
-    wait_for(lambda: not train_worker_pids(ray_head["address"]), 60,
-             "the dead driver's training workers to exit", poll=1.0)
-    before = s3_checkpoints(s3["client"], prefix)
+    # the job's actors die with their driver; an upload they had under way may still land (as an
+    # unregistered checkpoint folder), so wait for their processes and for the bucket to settle
+    wait_for(lambda: not train_worker_pids(ray_head["address"]) and not any(alive(p) for p in workers), 60,
+             "the dead driver's training workers to exit", poll=0.5)
+    listing = [None]
+
+    def settled():
+        now = s3_checkpoints(s3["client"], prefix)
+        same, listing[0] = now == listing[0], now
+        return same
+
+    wait_for(settled, 30, "the bucket to settle", poll=1.5)
+    before = listing[0]
     epochs_before = s3_epochs(s3["client"], before)
     assert epochs_before and max(epochs_before) < epochs, "driver 1 finished before it was killed"
 
