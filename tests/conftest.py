@@ -142,12 +142,12 @@ def _no_leftover_train_controllers(request):
     linger (seen after a resumed run) and keep its worker placement group, starving the next
     test's workers. Before each test on the session cluster, end such leftovers by PID."""
     if "ray_head" in request.fixturenames:
-        request.getfixturevalue("ray_head")
+        head = request.getfixturevalue("ray_head")
         try:
             from ray.util.state import list_actors
 
-            for a in list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")],
-                                 limit=100, raise_on_missing_output=False):
+            for a in list_actors(address=head["address"], limit=100, raise_on_missing_output=False,
+                                 filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")]):
                 if a.pid:
                     stop_pids([int(a.pid)], timeout=5)
         except Exception as e:  # the state API is best effort; never fail a test here
