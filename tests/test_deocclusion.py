@@ -107,7 +107,7 @@ def test_relational_distillation_transfers_the_teachers_structure():
     for step in range(300):
         idx = torch.randperm(256, generator=g)[:64]
         loss = D.distill_loss(student(x[idx]), te[idx], cfg)["loss"]
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
