@@ -38,15 +38,6 @@ def test_two_worker_training_reports_selected_on_val(f2c_run):
     assert "num_workers: 2" in cfg_text
 
 
-def test_rerun_with_same_name_resumes(f2c_run):
-    from trustlab.platform.experiment import train
-
-    root, _ = f2c_run
-    m = train(compose(F2C + ["trainer.epochs=3", "run.name=f2c-e2e", "trainer.num_workers=2"], root))
-    hist = m["train_history"]["train"]
-    assert hist["resumed_from_epoch"] == 2 and hist["epoch"] == 3
-
-
 def test_checkpoint_reload_reproduces_metrics(f2c_run):
     from trustlab.platform.experiment import evaluate
 
