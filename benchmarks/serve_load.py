@@ -16,7 +16,9 @@ graph and after each concurrency level, and each graph figure is compared with t
 references around it; the batched and unbatched deployments run back to back at each level.
 
 Per-request overhead is reported separately: the latency one request adds at concurrency 1
-(graph p50 minus in-process batch-1 p50, decoding included in both) and the CPU time each
+(graph p50 minus in-process batch-1 p50, decoding included in both), the same measured inside the
+graph alone (end-to-end p50 minus the detector replica's own forward time, which does not depend
+on an in-process run made at another moment), and the CPU time each
 request costs beyond the in-process cost, implied by throughput at concurrency 8
 (``cores * (1/graph_rps - 1/inprocess_rps)``).
 
@@ -274,6 +276,11 @@ def main():
     inproc_p50 = around("bs1", c_lo, "p50_ms")
     overhead_latency = graph[("nobatch", c_lo)]["p50_ms"] - inproc_p50
     overhead_cpu = 1000 * ncpu * (1 / graph[("nobatch", c_mid)]["rps"] - 1 / around("bs1", c_mid))
+    g1 = graph[("nobatch", c_lo)]
+    overhead_hops = g1["p50_ms"] - g1["model_ms_p50"]
+    print(f"per-request overhead inside the graph at concurrency {c_lo}: {overhead_hops:.1f} ms (end-to-end p50 "
+          f"{g1['p50_ms']:.1f} ms minus the detector's own forward p50 {g1['model_ms_p50']:.1f} ms: HTTP, ingress, "
+          f"JPEG decoding in preprocess, two handle round trips, fusion)")
     print(f"per-request overhead: +{overhead_latency:.1f} ms latency at concurrency {c_lo} "
           f"(graph p50 {graph[('nobatch', c_lo)]['p50_ms']:.1f} ms vs in-process batch-1 {inproc_p50:.1f} ms, "
           f"decoding included in both); ~{overhead_cpu:.1f} CPU-ms per request beyond in-process batch 1, from "
@@ -289,7 +296,7 @@ def main():
     report("serve_load", rows, ratios, {
         "device": device, "cores": ncpu, "torch_threads": a.threads, "backbone": a.backbone, "size": a.size,
         "batch": a.batch, "batch_wait_s": a.batch_wait, "requests_per_point": a.requests,
-        "overhead_latency_ms_c1": overhead_latency, "overhead_cpu_ms_per_request": overhead_cpu,
+        "overhead_latency_ms_c1": overhead_latency, "overhead_in_graph_ms_c1": overhead_hops, "overhead_cpu_ms_per_request": overhead_cpu,
         "inprocess_best_batch": best_bs, "loadavg_before": load_before, "loadavg_after": load_after})
 
 
