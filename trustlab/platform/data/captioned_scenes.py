@@ -168,21 +168,33 @@ def contradict(objects: list[dict], rng: np.random.Generator, kind: str) -> tupl
     """A copy of the scene with one object changed so that it no longer matches its phrase:
     ``kind="color"`` recolours it, ``kind="shape"`` swaps its shape, ``kind="object"`` replaces it
     by a different object (new colour and new shape). The new (colour, shape) is not used by any
-    other object of the scene, so the caption's phrase for it has no match in the image."""
+    other object of the scene, so the caption's phrase for it has no match in the image. New
+    values are taken from the colours / shapes of the scene's other objects where possible, so
+    no new colour or shape enters the scene: mostly one object's colour-shape binding breaks
+    (small for the whole image, clear for that object)."""
     objs = [dict(o) for o in objects]
     j = int(rng.integers(len(objs)))
     used = {(o["color"], o["shape"]) for o in objs}
     o = objs[j]
+    scene_colors = {x["color"] for k, x in enumerate(objs) if k != j}
+    scene_shapes = {x["shape"] for k, x in enumerate(objs) if k != j}
+
+    def pick(opts, prefer):
+        pref = [v for v in opts if (v[0] if isinstance(v, tuple) else v) in prefer
+                and (not isinstance(v, tuple) or v[1] in scene_shapes)]
+        pool = pref or opts
+        return pool[int(rng.integers(len(pool)))]
+
     if kind == "color":
         opts = [c for c in COLORS if c != o["color"] and (c, o["shape"]) not in used]
-        o["color"] = opts[int(rng.integers(len(opts)))]
+        o["color"] = pick(opts, scene_colors)
     elif kind == "shape":
         opts = [s for s in SHAPES if s != o["shape"] and (o["color"], s) not in used]
-        o["shape"] = opts[int(rng.integers(len(opts)))]
+        o["shape"] = pick(opts, scene_shapes)
     elif kind == "object":
         opts = [(c, s) for c in COLORS for s in SHAPES
                 if c != o["color"] and s != o["shape"] and (c, s) not in used]
-        o["color"], o["shape"] = opts[int(rng.integers(len(opts)))]
+        o["color"], o["shape"] = pick(opts, scene_colors)
     else:
         raise ValueError(f"unknown manipulation {kind!r}; valid: {', '.join(MANIPULATIONS)}")
     return objs, j
@@ -291,7 +303,7 @@ def build_manifest(root: str, seed: int, size: int, n_train: int, n_val: int, n_
     if bad or not kinds:
         raise ValueError(f"unknown manipulation kinds {bad}; valid: {', '.join(MANIPULATIONS)}")
     params = dict(seed=seed, size=size, n_train=n_train, n_val=n_val, n_test=n_test,
-                  n_objects=list(n_objects), radius=list(radius), kinds=list(kinds), version=1)
+                  n_objects=list(n_objects), radius=list(radius), kinds=list(kinds), version=2)
     d = os.path.join(root, f"captioned_scenes-{_params_key(params)}")
     man = os.path.join(d, "manifest.csv")
     if os.path.exists(man):
