@@ -233,9 +233,9 @@ def test_strict_schema_respects_preserve_unknown_fields():
 def test_rayjob_entrypoint_composes_in_this_repo():
     (job,) = load("cluster/kuberay/rayjob.yaml")
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "experiments/run.py", "method=f2c"], argv
+    assert argv[:3] == ["python", "experiments/run.py", "method=item"], argv
     cfg = compose(argv[2:])                 # every override is a valid key of this repo's config
-    assert cfg["method"]["name"] == "f2c" and cfg["run"]["storage"].startswith("s3://")
+    assert cfg["method"]["name"] == "item" and cfg["run"]["storage"].startswith("s3://")
     assert int(cfg["trainer"]["max_failures"]) >= 1
     workers = sum(g["replicas"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
                   if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"])
