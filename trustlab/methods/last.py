@@ -15,9 +15,10 @@ Our choices (config; nothing else is known):
 - stage ``pretrain_ssl`` (real clips only): *latent reconstruction* — a fraction
   ``recon.mask_ratio`` of the tokens is replaced by a mask token and a decoder MLP regresses the
   hidden latent (layer-normalised, stop-gradient CNN token; MSE on masked tokens);
-  *contrastive* — the clip embeddings (mean ViT output -> projector) of two clip-consistent
-  augmentations of the same clip are positives, other clips of the batch negatives (InfoNCE,
-  ``contrast.temperature``); loss ``recon.weight * L_rec + contrast.weight * L_con``;
+  *contrastive* — the clip embeddings (``clip_summary`` of the ViT output -> projector) of two
+  independently masked views of the same (clip-consistently augmented) clip are positives, the
+  other clips of the batch negatives (InfoNCE, ``contrast.temperature``); both views share one
+  CNN pass, so a step costs one CNN forward; loss ``recon.weight * L_rec + contrast.weight * L_con``;
 - stage ``adapt``: the backbone is frozen (eval mode, no gradients); the linear head reads the
   mean ViT output and the mean absolute frame-to-frame change of each token
   (``_video.clip_summary``), standardised by a BatchNorm without affine parameters (batch
@@ -81,19 +82,24 @@ class LASTNet(nn.Module):
             self.backbone.train(False)
         return self
 
-    def encode(self, x: torch.Tensor, mask_ratio: float = 0.0):
-        """Clip -> (ViT output (B, T, P, D), CNN latents (B, T, P, D), mask (B, T, P) or None)."""
+    def mix(self, tok: torch.Tensor, mask_ratio: float = 0.0):
+        """CNN latents (B, T, P, D) -> (ViT output (B, T, P, D), mask (B, T, P) or None); a
+        ``mask_ratio`` fraction of the latents is replaced by the mask token first."""
         bb = self.backbone
-        tok = bb.frames(x)
         b, t, p, d = tok.shape
         mask = None
         inp = tok
         if mask_ratio > 0:
-            mask = torch.rand(b, t, p, device=x.device) < mask_ratio
+            mask = torch.rand(b, t, p, device=tok.device) < mask_ratio
             mask[:, 0, 0] |= ~mask.flatten(1).any(1)
             inp = torch.where(mask.unsqueeze(-1), bb.mask_token.to(tok.dtype).expand(b, t, p, d), tok)
         h = inp + bb.pos + bb.frame_embed[:, :t]
-        h = bb.norm(bb.blocks(h.reshape(b, t * p, d))).view(b, t, p, d)
+        return bb.norm(bb.blocks(h.reshape(b, t * p, d))).view(b, t, p, d), mask
+
+    def encode(self, x: torch.Tensor, mask_ratio: float = 0.0):
+        """Clip -> (ViT output (B, T, P, D), CNN latents (B, T, P, D), mask (B, T, P) or None)."""
+        tok = self.backbone.frames(x)
+        h, mask = self.mix(tok, mask_ratio)
         return h, tok, mask
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,8 +119,8 @@ def ssl_losses(model: LASTNet, x: torch.Tensor, cfg: dict) -> dict:
     """Latent reconstruction + clip contrast on a batch of (real) clips."""
     m = cfg["method"]
     wr, wc = float(m["recon"]["weight"]), float(m["contrast"]["weight"])
-    x1 = V.augment_clip(x)
-    h1, tok, mask = model.encode(x1, float(m["recon"]["mask_ratio"]))
+    tok = model.backbone.frames(V.augment_clip(x) if model.training else x)  # one CNN pass for both tasks
+    h1, mask = model.mix(tok, float(m["recon"]["mask_ratio"]))
     out = {}
     loss = h1.new_zeros(())
     if wr > 0:
@@ -122,7 +128,7 @@ def ssl_losses(model: LASTNet, x: torch.Tensor, cfg: dict) -> dict:
         out["recon"] = F.mse_loss(model.decoder(h1[mask]), target[mask])
         loss = loss + wr * out["recon"]
     if wc > 0:
-        h2 = model.encode(V.augment_clip(x))[0]
+        h2 = model.mix(tok, float(m["contrast"]["mask_ratio"]))[0]  # a second, independently masked view
         out["contrast"] = V.info_nce(model.projector(V.clip_summary(h1)), model.projector(V.clip_summary(h2)),
                                      float(m["contrast"]["temperature"]))
         loss = loss + wc * out["contrast"]
