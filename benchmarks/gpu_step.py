@@ -48,7 +48,7 @@ def load_methods():
     mods = {m: importlib.import_module(f"trustlab.methods.{m}") for m in METHODS}
     from trustlab.platform.registry import _REGISTRY
 
-    assert "ray" not in sys.modules, "the benchmark must not import Ray"
+    assert sys.modules.get("ray") is None, "the benchmark must not import Ray"
     return mods, _REGISTRY
 
 
