@@ -82,16 +82,18 @@ class LASTNet(nn.Module):
             self.backbone.train(False)
         return self
 
-    def mix(self, tok: torch.Tensor, mask_ratio: float = 0.0):
+    def mix(self, tok: torch.Tensor, mask_ratio=0.0):
         """CNN latents (B, T, P, D) -> (ViT output (B, T, P, D), mask (B, T, P) or None); a
-        ``mask_ratio`` fraction of the latents is replaced by the mask token first."""
+        ``mask_ratio`` fraction (a float, or one per clip as a (B,) tensor) of the latents is
+        replaced by the mask token first (at least one per clip whose ratio is > 0)."""
         bb = self.backbone
         b, t, p, d = tok.shape
+        ratio = torch.as_tensor(mask_ratio, dtype=torch.float32, device=tok.device).expand(b)
         mask = None
         inp = tok
-        if mask_ratio > 0:
-            mask = torch.rand(b, t, p, device=tok.device) < mask_ratio
-            mask[:, 0, 0] |= ~mask.flatten(1).any(1)
+        if bool((ratio > 0).any()):
+            mask = torch.rand(b, t, p, device=tok.device) < ratio.view(b, 1, 1)
+            mask[:, 0, 0] |= ~mask.flatten(1).any(1) & (ratio > 0)
             inp = torch.where(mask.unsqueeze(-1), bb.mask_token.to(tok.dtype).expand(b, t, p, d), tok)
         h = inp + bb.pos + bb.frame_embed[:, :t]
         return bb.norm(bb.blocks(h.reshape(b, t * p, d))).view(b, t, p, d), mask
@@ -120,7 +122,12 @@ def ssl_losses(model: LASTNet, x: torch.Tensor, cfg: dict) -> dict:
     m = cfg["method"]
     wr, wc = float(m["recon"]["weight"]), float(m["contrast"]["weight"])
     tok = model.backbone.frames(V.augment_clip(x) if model.training else x)  # one CNN pass for both tasks
-    h1, mask = model.mix(tok, float(m["recon"]["mask_ratio"]))
+    b, r1, r2 = tok.shape[0], float(m["recon"]["mask_ratio"]), float(m["contrast"]["mask_ratio"])
+    if wc > 0:  # the second, independently masked view shares one ViT pass of 2B clips
+        h, mask = model.mix(tok.repeat(2, 1, 1, 1), torch.tensor([r1] * b + [r2] * b))
+        (h1, h2), mask = h.split(b), (mask[:b] if mask is not None else None)
+    else:
+        h1, mask = model.mix(tok, r1)
     out = {}
     loss = h1.new_zeros(())
     if wr > 0:
@@ -128,9 +135,8 @@ def ssl_losses(model: LASTNet, x: torch.Tensor, cfg: dict) -> dict:
         out["recon"] = F.mse_loss(model.decoder(h1[mask]), target[mask])
         loss = loss + wr * out["recon"]
     if wc > 0:
-        h2 = model.mix(tok, float(m["contrast"]["mask_ratio"]))[0]  # a second, independently masked view
-        out["contrast"] = V.info_nce(model.projector(V.clip_summary(h1)), model.projector(V.clip_summary(h2)),
-                                     float(m["contrast"]["temperature"]))
+        z1, z2 = model.projector(V.clip_summary(torch.cat([h1, h2]))).split(b)
+        out["contrast"] = V.info_nce(z1, z2, float(m["contrast"]["temperature"]))
         loss = loss + wc * out["contrast"]
     out["loss"] = loss
     return out

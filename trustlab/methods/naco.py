@@ -123,17 +123,22 @@ def ssl_losses(model: NACONet, x: torch.Tensor, cfg: dict) -> dict:
     mask = torch.rand(b, t, p, device=x.device) < float(m["spm"]["mask_ratio"])
     mask[:, 0, 0] |= ~mask.flatten(1).any(1)  # at least one masked token per clip
     out = {}
-    h_m = model.mix(tok, mask=mask)
+    tcm = wt > 0 and t > 1
+    if tcm:  # the three views (masked, intact, frame-shuffled) share one Transformer pass of 3B clips
+        ident = torch.arange(t, device=x.device).expand(b, t)
+        h3 = model.mix(tok.repeat(3, 1, 1, 1), mask=torch.cat([mask, torch.zeros_like(mask), torch.zeros_like(mask)]),
+                       order=torch.cat([ident, ident, shuffled_order(b, t, x.device)]))
+        h_m, h, h_shuf = h3.split(b)
+    else:
+        h_m = model.mix(tok, mask=mask)
     loss = tok.new_zeros(())
     if ws > 0:
         pred = model.predictor(h_m[mask])
         target = tok.detach()[mask]
         out["spm"] = V.info_nce(pred, target, float(m["spm"]["temperature"]))
         loss = loss + ws * out["spm"]
-    if wt > 0 and t > 1:
-        z_pos = model.projector(V.clip_summary(h_m))
-        z = model.projector(V.clip_summary(model.mix(tok)))
-        z_shuf = model.projector(V.clip_summary(model.mix(tok, order=shuffled_order(b, t, x.device))))
+    if tcm:
+        z_pos, z, z_shuf = model.projector(V.clip_summary(torch.cat([h_m, h, h_shuf]))).split(b)
         out["tcm"] = V.info_nce(z, z_pos, float(m["tcm"]["temperature"]), extra_neg=z_shuf)
         with torch.no_grad():
             zn, zp, zs = (F.normalize(v, dim=-1) for v in (z, z_pos, z_shuf))
