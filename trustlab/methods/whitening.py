@@ -33,6 +33,10 @@ standard design, with its knobs in ``experiments/conf/method/whitening.yaml``:
   the mean absolute off-diagonal covariance (and correlation) of the whitened vs the unwhitened
   features on the test split and how often each concept axis peaks inside the manipulated region.
 
+Training: AdamW at peak lr ``method.lr`` with a linear warm-up and cosine decay over the stage
+(``method.lr_schedule``; the schedule follows the optimizer's own step count, so a resumed run
+continues it).
+
 Default data: ``trustlab.platform.data.face_manip`` (real face photos with blended or warped regions).
 """
 from __future__ import annotations
