@@ -29,7 +29,10 @@ def main():
     from trustlab.platform.tune import sweep
 
     root = tempfile.mkdtemp(prefix="bench-tune-")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # the dashboard serves the State API: without it Ray Train's PlacementGroupCleaner cannot see
+    # that the controller of a trial ASHA stopped is gone, its workers' CPUs stay reserved and
+    # the next trials wait for ever (seen here with include_dashboard=False)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, log_to_driver=False)
     rows, out = [], {}
     for sched in ("asha", "fifo"):
         cfg = compose(os.path.join(REPO, "experiments", "conf"), [

@@ -434,6 +434,10 @@ class Item(MethodBase):
         y = data["test"]["y"]
         out["feature_auc_test"] = {n: _auc(y, -feats["test"][:, i]) for i, n in enumerate(names)}
         _scatter(feats["test"], names, data["test"], os.path.join(run_dir, "features.png"))
+        kinds = lambda r: ", ".join(f"{k} {v['auc']:.4f}" for k, v in r.items())  # noqa: E731
+        out["summary_lines"] = [f"test AUC by mismatch kind: {kinds(out['test_by_manipulation']['model'])}"] + [
+            f"ablation {n} ({r['levels']}): test AUC {r['test']['auc']:.4f} ({kinds(r['test_by_manipulation'])}), "
+            f"val AUC {r['val_auc']:.4f}" for n, r in abl.items()]
         return out
 
 

@@ -43,6 +43,7 @@ def summarize(cfg: dict, run_dir: str, metrics: dict, extra_lines=()) -> str:
             lines.append(f"{name:>12} sessions " + " ".join(f"{a:.2f}" for a in m["sessions"])
                          + f"  average {m.get('average', float('nan')):.2f}  PD {m.get('pd', float('nan')):.2f}"
                          + f"  last {m.get('last', float('nan')):.2f}")
+    lines.extend(str(x) for x in metrics.get("summary_lines") or [])  # a method's own report lines
     lines.extend(extra_lines)
     text = "\n".join(lines)
     with open(os.path.join(run_dir, "summary.txt"), "w") as f:
