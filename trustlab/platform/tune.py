@@ -164,7 +164,8 @@ def sweep(cfg: dict) -> dict:
     elif search in ("random", "grid"):
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=int(cfg["seed"]))
+        # a SearchGenerator ignores TuneConfig.max_concurrent_trials: the limit goes to the generator
+        search_alg = BasicVariantGenerator(random_state=int(cfg["seed"]), max_concurrent=size["max_concurrent_trials"])
     else:
         raise ConfigError(f"unknown tune.search {search!r}; valid choices: optuna, random, grid")
     epochs = method.stage_epochs(cfg, method.stages(cfg)[-1])
@@ -191,7 +192,7 @@ def sweep(cfg: dict) -> dict:
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler,
                 num_samples=1 if search == "grid" else int(tc["num_samples"]),
-                max_concurrent_trials=size["max_concurrent_trials"],
+                max_concurrent_trials=size["max_concurrent_trials"] if search == "optuna" else None,
             ),
             run_config=tune.RunConfig(name="sweep", storage_path=storage_path, storage_filesystem=fs,
                                       failure_config=tune.FailureConfig(max_failures=0)),
