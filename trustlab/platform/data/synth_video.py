@@ -277,8 +277,10 @@ def build_synth_video_manifest(root: str, seed: int = 0, n_videos_per_class: int
     size = int(size)
     fr = [float(x) for x in split_fractions]
     params = dict(seed=int(seed), n=int(n_videos_per_class), manipulations=manipulations, n_frames=int(n_frames),
-                  size=size, split_fractions=fr, strength=float(strength), fps=int(fps), crf=int(crf), version=1)
-    d = os.path.join(os.path.expanduser(str(root)), f"synth_video-{params_key(params)}")
+                  size=size, split_fractions=fr, strength=float(strength), fps=int(fps), crf=int(crf), version=2)
+    # absolute: a relative root (the default, outputs/.data/video) written into the manifest was
+    # resolved again against the manifest's folder and every file went missing
+    d = os.path.abspath(os.path.join(os.path.expanduser(str(root)), f"synth_video-{params_key(params)}"))
     man = os.path.join(d, "manifest.csv")
     if os.path.exists(man):
         return man

@@ -599,6 +599,10 @@ def _cached_split(d, split, cfg, seed, endpoint, report, key):
         ds = _split_dataset(d, split, cfg, seed, endpoint, report)
         ds.write_parquet(path, filesystem=fs)
         bad = [b for b in report.bad_files(split) if b["uri"] not in before]
+        if len(d) and not [f for f in lfs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                if f.path.endswith(".parquet")]:
+            raise RuntimeError(f"split {split!r}: no clips from its {d['uri'].nunique()} videos; "
+                               f"{len(bad)} unreadable, e.g. " + "; ".join(f"{b['uri']}: {b['reason']}" for b in bad[:3]))
         storage.write_bytes(f"{uri}/_SUCCESS.json", json.dumps({"bad": bad, "stats": report.stats(split)}).encode(),
                             endpoint)
     else:
