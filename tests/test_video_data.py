@@ -156,6 +156,23 @@ def test_synth_set_layout_determinism_and_planted_signal(synth, tmp_path):
         assert d[24:40, 24:40].mean() > 3 * d[:8, :].mean(), m
 
 
+
+def test_synth_set_under_a_relative_root_reads_back(tmp_path, monkeypatch):
+    """The default root is relative (outputs/.data/video): every manifest entry must name an
+    existing file however the manifest is read, and the clips must decode."""
+    from trustlab.platform.data.manifests import read_manifest
+
+    monkeypatch.chdir(tmp_path)
+    man = build_synth_video_manifest("outputs/.data/video", seed=1, n_videos_per_class=2, manipulations=["blend"],
+                                     n_frames=8, size=32)
+    df = read_manifest(man)
+    assert len(df) == 4 and all(os.path.isfile(u) for u in df["uri"]), list(df["uri"])[:2]
+    cfg = dict(name="synth_video", root="outputs/.data/video", frames_per_video=8, clip_len=4, size=16,
+               synth=dict(n_videos_per_class=2, manipulations=["blend"], n_frames=8, frame_size=32))
+    report = BadFileReport(use_ray=False)
+    clips = [x for split in ("train", "test") for b in iter_clips(cfg, split, seed=1, report=report) for x in b["x"]]
+    assert clips and report.bad_files() == [], report.bad_files()
+
 # ----------------------------------------------------------------------------- manifests
 def _touch(root, rel, data=b""):
     p = os.path.join(root, rel)
