@@ -114,6 +114,18 @@ def ray_head():
         stop_pids(_pids_using(temp_dir) + _pids_using(f"--address=127.0.0.1:{port}"))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one intra-op thread (and do not spin on a busy machine);
+    the previous thread count is restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def conf_dir():
     return CONF_DIR

@@ -67,14 +67,6 @@ def test_manifest_is_deterministic_and_balanced(tmp_path):
     assert set(dc["val"]["caption"]) == {"a red circle"}
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train fastest on one thread (and do not spin on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def tiny_cfg(tmp_path, *extra):
     return compose(["method=item", f"method.data.root={tmp_path}", *TINY, *extra])
 

@@ -11,14 +11,6 @@ from trustlab.methods.whitening import (GroupWhitening, WhiteningNet, correlatio
                                         mean_abs_offdiag, whitening_matrix)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train fastest on one thread (and do not spin on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def correlated(n: int, c: int, seed: int = 0) -> torch.Tensor:
     """Gaussian samples [n, c] with a random, strongly non-diagonal (but well-conditioned)
     covariance and a non-zero mean; ``seed`` picks the samples, the covariance is fixed per c."""

@@ -313,21 +313,12 @@ class Whitening(MethodBase):
     def validate(self, model, stage, cfg, batches, rank, world, device, gather) -> dict:
         """Recalibrate the whitening statistics on training images (eval mode, the same images on
         every rank), then the generic detection validation metrics."""
-        from trustlab.platform.evaluate import score_batches
-        from trustlab.platform.metrics import detection_metrics
+        from trustlab.platform.train import detection_validation
 
         net = model.module if hasattr(model, "module") else model
         if self._calib is not None:
             calibrate(net, self._calib, int(cfg["method"]["calib_samples"]))
-        y, s, v = score_batches(self, model, batches, cfg, device)
-        parts = gather((y, s, v), world)
-        y, s, v = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        m = detection_metrics(y, s, v, float(cfg["trainer"].get("threshold", 0.5)))
-        out = {f"val_{k}": m["frame"][k] for k in ("auc", "ap", "eer", "acc")}
-        out["val_video_auc"] = m["video"]["auc"]
-        key = cfg["trainer"].get("select_metric", "val_auc")
-        out["val_score"] = out[key] if not np.isnan(out[key]) else out["val_acc"]
-        return out
+        return detection_validation(self, model, cfg, batches, world, device)
 
     def configure_optimizer(self, model, cfg: dict, stage: str):
         """AdamW (peak lr ``method.lr`` or trainer.lr; trainer.weight_decay) with

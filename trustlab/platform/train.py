@@ -72,6 +72,21 @@ def _val_batches(split, rank, world, bs, ds_shard=None):
     yield from iter_array_batches(split, bs, np.arange(rank, n, world))
 
 
+def detection_validation(method, model, cfg, batches, world, device) -> dict:
+    """Detection metrics (``val_auc``, ``val_ap``, ``val_eer``, ``val_acc``, ``val_video_auc``) of
+    the scores of every rank's share, and ``val_score`` = ``trainer.select_metric`` (accuracy when
+    that is undefined). Also for a method's own ``validate`` hook that prepares the model first."""
+    y, s, v = score_batches(method, model, batches, cfg, device)
+    parts = _gather((y, s, v), world)
+    y, s, v = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    m = detection_metrics(y, s, v, float(cfg["trainer"].get("threshold", 0.5)))
+    out = {f"val_{k}": m["frame"][k] for k in ("auc", "ap", "eer", "acc")}
+    out["val_video_auc"] = m["video"]["auc"]
+    key = cfg["trainer"].get("select_metric", "val_auc")
+    out["val_score"] = out[key] if not math.isnan(out[key]) else out["val_acc"]
+    return out
+
+
 def validate(method, model, stage, cfg, batches, rank, world, device) -> dict:
     """Validation metrics on this rank's share, gathered to every rank. Selecting stages report
     detection metrics and ``val_score`` = the configured metric; other stages (self-supervised)
@@ -79,15 +94,7 @@ def validate(method, model, stage, cfg, batches, rank, world, device) -> dict:
     if hasattr(method, "validate"):
         return method.validate(model, stage, cfg, batches, rank, world, device, _gather)
     if method.stage_selects(cfg, stage):
-        y, s, v = score_batches(method, model, batches, cfg, device)
-        parts = _gather((y, s, v), world)
-        y, s, v = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        m = detection_metrics(y, s, v, float(cfg["trainer"].get("threshold", 0.5)))
-        out = {f"val_{k}": m["frame"][k] for k in ("auc", "ap", "eer", "acc")}
-        out["val_video_auc"] = m["video"]["auc"]
-        key = cfg["trainer"].get("select_metric", "val_auc")
-        out["val_score"] = out[key] if not math.isnan(out[key]) else out["val_acc"]
-        return out
+        return detection_validation(method, model, cfg, batches, world, device)
     model.eval()
     tot, cnt = 0.0, 0
     with torch.no_grad():
