@@ -93,6 +93,7 @@ def settings(ckpt: str, a, device: str) -> dict:
         "detectors": [{"name": "nobatch", "max_batch_size": 1, **common},
                       {"name": "batch", "max_batch_size": a.batch, "batch_wait_timeout_s": a.batch_wait, **common}],
         "request_timeout_s": 300.0,
+        "inline_images": bool(a.inline_images),
         "batching": {"max_forward": max(a.batch, 16)},
         "resources": {"ingress_cpus": 0.25, "preprocess_cpus": 0.25},
         "max_ongoing_requests": {"ingress": 256, "preprocess": 64, "detector": max(64, a.batch)},
@@ -195,7 +196,14 @@ def main():
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count()), help="torch threads (both sides)")
     ap.add_argument("--detector-cpus", type=float, default=0.5, help="Ray CPUs reserved per detector replica")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--inline-images", type=int, default=1, choices=(0, 1),
+                    help="1 = images decoded in the ingress (the graph's default), 0 = via the preprocess deployment")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment variable for every Ray process (set before Ray starts; repeatable)")
     a = ap.parse_args()
+    for kv in a.env:
+        k, _, v = kv.partition("=")
+        os.environ[k] = v
 
     import torch
 
@@ -297,7 +305,7 @@ def main():
         "device": device, "cores": ncpu, "torch_threads": a.threads, "backbone": a.backbone, "size": a.size,
         "batch": a.batch, "batch_wait_s": a.batch_wait, "requests_per_point": a.requests,
         "overhead_latency_ms_c1": overhead_latency, "overhead_in_graph_ms_c1": overhead_hops, "overhead_cpu_ms_per_request": overhead_cpu,
-        "inprocess_best_batch": best_bs, "loadavg_before": load_before, "loadavg_after": load_after})
+        "inprocess_best_batch": best_bs, "inline_images": a.inline_images, "env": a.env, "loadavg_before": load_before, "loadavg_after": load_after})
 
 
 if __name__ == "__main__":

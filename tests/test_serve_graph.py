@@ -278,7 +278,7 @@ class _Handle:
         return r
 
 
-def _core(delays, timeout=0.6, raise_in=()):
+def _core(delays, timeout=0.6, raise_in=(), inline_images=False):
     import asyncio
 
     from trustlab.serve.graph import GraphCore, settings_from_args
@@ -297,7 +297,8 @@ def _core(delays, timeout=0.6, raise_in=()):
     async def run(req):
         return {"ok": True, "kind": "image", "inputs": {"image": np.zeros((4, 4, 3), np.uint8)}, "meta": {}, "ms": 0.1}
 
-    s = settings_from_args({"detectors": list(delays), "checkpoint_root": "/m", "request_timeout_s": timeout})
+    s = settings_from_args({"detectors": list(delays), "checkpoint_root": "/m", "request_timeout_s": timeout,
+                            "inline_images": inline_images})
     handles = {n: det(n, d) for n, d in delays.items()}
     return GraphCore(_Handle(run=run, ping=lambda: asyncio.sleep(0)), handles, s), handles
 
@@ -334,6 +335,27 @@ def test_preprocessing_past_the_deadline_is_504():
     with pytest.raises(RequestError) as e:
         asyncio.run(core.detect({"data": b"x", "kind": "image"}))
     assert e.value.status == 504 and core.pre.calls[-1].cancelled
+
+
+def test_uploaded_images_are_prepared_in_the_ingress_videos_and_uris_are_not():
+    """inline_images: an uploaded image is decoded by the ingress's own Preprocessor (no handle
+    call to the preprocessing deployment); a video, an s3:// URI or a corrupt upload's error
+    still comes back as the same answers."""
+    import asyncio
+
+    from trustlab.serve.graph import RequestError
+
+    core, handles = _core({"a": 0.0}, inline_images=True)
+    status, body = asyncio.run(core.detect({"data": _png(1), "kind": None}))
+    assert status == 200 and body["kind"] == "image" and body["input"] == {"width": 48, "height": 48}
+    assert core.pre.calls == [] and len(handles["a"].calls) == 2  # its info (once), then its score
+    with pytest.raises(RequestError) as e:  # a corrupt image is refused by the same code, inline
+        asyncio.run(core.detect({"data": b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "kind": "image"}))
+    assert e.value.status == 400 and e.value.code == "corrupt_image" and core.pre.calls == []
+    status, _ = asyncio.run(core.detect({"data": None, "uri": "s3://b/k.png", "kind": "image"}))
+    assert status == 200 and len(core.pre.calls) == 1  # s3:// inputs go to the preprocessing deployment
+    status, _ = asyncio.run(core.detect({"data": b"not an image: a video to decode", "kind": None}))
+    assert status == 200 and len(core.pre.calls) == 2  # and so does anything PIL does not recognise
 
 
 # ----------------------------------------------------------------------------- fixtures for HTTP

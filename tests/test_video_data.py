@@ -126,6 +126,25 @@ def test_real_video_faces_in_most_sampled_frames():
     assert side.min() >= 40 and side.max() < 600  # face-sized crops, not the whole 1080p frame
 
 
+def test_relaxed_neighbors_same_pass_fallback():
+    """A whole-frame pass groups its raw windows at min_neighbors and, only when nothing reaches
+    it, at relaxed_neighbors: identical boxes when the strict threshold finds the face, and a face
+    instead of nothing when it does not."""
+    import skimage.data as skd
+
+    img = np.ascontiguousarray(skd.astronaut())
+    strict = F.FaceDetector(detect_width=512).detect(img)
+    both = F.FaceDetector(detect_width=512, relaxed_neighbors=3).detect(img)
+    assert len(strict) >= 1 and np.array_equal(strict, both)
+    too_strict = F.FaceDetector(detect_width=512, min_neighbors=200)
+    assert len(too_strict.detect(img)) == 0
+    relaxed = F.FaceDetector(detect_width=512, min_neighbors=200, relaxed_neighbors=3).detect(img)
+    assert len(relaxed) >= 1
+    # the relaxed box is the same face: centre within a quarter of its side of the strict one
+    a, b = F.to_square(F.largest(strict)), F.to_square(F.largest(relaxed))
+    assert np.abs(a[:2] - b[:2]).max() < a[2] / 4
+
+
 # ----------------------------------------------------------------------------- synthetic set
 def test_synth_set_layout_determinism_and_planted_signal(synth, tmp_path):
     root, man = synth

@@ -626,12 +626,16 @@ def summary_lines(out: dict, full: dict) -> list[str]:
     for t, m in out["cross_domain"].items():
         lines.append(f"cross-domain {t}: {fmt(m)}")
     if "robustness" in out:
-        worst = {}
+        last, worst = {}, {}  # rows follow the configured levels, mildest first: the last is the strongest
         for r in out["robustness"]["rows"]:
+            if r["kind"] == "clean":
+                continue
+            last[r["kind"]] = (r["level"], r["video_auc"])
             if r["kind"] not in worst or r["video_auc"] < worst[r["kind"]][1]:
                 worst[r["kind"]] = (r["level"], r["video_auc"])
-        lines.append("robustness (video AUC at the strongest level): " + ", ".join(
-            f"{k}@{lv} {a:.3f}" for k, (lv, a) in worst.items()) + f"  -> {out['robustness']['table']}, {out['robustness']['plot']}")
+        lines.append("robustness, video AUC at the strongest level (lowest over levels): " + ", ".join(
+            f"{k}@{last[k][0]:g} {last[k][1]:.3f} ({worst[k][1]:.3f} @{worst[k][0]:g})" for k in last)
+            + f"  -> {out['robustness']['table']}, {out['robustness']['plot']}")
     for v, r in (out.get("ablation") or {}).items():
         if isinstance(r, dict) and "test" in r:
             cd = "; ".join(f"{t} {m['video']['auc']:.4f}" for t, m in r["cross_domain"].items())

@@ -50,7 +50,7 @@ class FaceDetector:
     frame's shorter side. ``scale_factor``/``min_neighbors``: the cascade's own knobs."""
 
     def __init__(self, detect_width: int = 640, scale_factor: float = 1.1, min_neighbors: int = 5,
-                 min_face_frac: float = 0.06, cascade: str = CASCADE):
+                 min_face_frac: float = 0.06, cascade: str = CASCADE, relaxed_neighbors: int | None = None):
         import cv2
 
         self._cv2 = cv2
@@ -61,9 +61,15 @@ class FaceDetector:
         self.scale_factor = float(scale_factor)
         self.min_neighbors = int(min_neighbors)
         self.min_face_frac = float(min_face_frac)
+        self.relaxed_neighbors = None if relaxed_neighbors is None else int(relaxed_neighbors)
 
     def detect(self, frame: np.ndarray) -> np.ndarray:
-        """All faces of one RGB (H, W, 3) uint8 frame as an (n, 4) float array ``x, y, w, h``."""
+        """All faces of one RGB (H, W, 3) uint8 frame as an (n, 4) float array ``x, y, w, h``.
+
+        With ``relaxed_neighbors`` (< ``min_neighbors``), a frame where no candidate cluster reaches
+        ``min_neighbors`` returns the clusters reaching ``relaxed_neighbors`` instead, from the same
+        cascade pass (its raw windows are grouped twice, as ``detectMultiScale`` groups them): a
+        marginal face costs no second whole-frame pass on the next frame."""
         cv2 = self._cv2
         h, w = frame.shape[:2]
         f = 1.0
@@ -74,8 +80,18 @@ class FaceDetector:
         gray = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)
         gray = cv2.equalizeHist(gray)
         ms = max(12, int(self.min_face_frac * min(gray.shape)))
-        boxes = self.clf.detectMultiScale(gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
-                                          minSize=(ms, ms))
+        relaxed = self.relaxed_neighbors
+        if relaxed is None or relaxed >= self.min_neighbors:
+            boxes = self.clf.detectMultiScale(gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
+                                              minSize=(ms, ms))
+        else:
+            raw = [list(map(int, r)) for r in self.clf.detectMultiScale(gray, scaleFactor=self.scale_factor,
+                                                                         minNeighbors=0, minSize=(ms, ms))]
+            boxes = ()
+            for k in (self.min_neighbors, relaxed):
+                boxes, _ = cv2.groupRectangles(raw, k, 0.2) if raw else ((), None)
+                if len(boxes):
+                    break
         if len(boxes) == 0:
             return np.zeros((0, 4), np.float64)
         return np.asarray(boxes, np.float64) / f

@@ -79,6 +79,7 @@ DEFAULTS = {
     "detect_width": 640,         # frames wider than this are downscaled for detection
     "scale_factor": 1.1,         # Haar cascade scaleFactor of whole-frame passes (1.2: ~40% faster, misses more)
     "min_neighbors": 5,          # Haar cascade minNeighbors
+    "relaxed_neighbors": 3,      # whole-frame passes: minNeighbors accepted when none reaches min_neighbors (same pass; null = off)
     "cache": None,               # Parquet crop cache (local folder or s3://); null = decode every epoch
     "num_decoders": 2,           # max actors decoding in parallel (ActorPoolStrategy max_size)
     "decode_cpus": 0.5,          # CPUs reserved per decoding actor
@@ -350,6 +351,7 @@ class ClipMaker:
     def __init__(self, meta: dict, cfg: dict, train: bool, seed: int, sink=None):
         self.meta, self.cfg, self.train, self.seed, self.sink = meta, cfg, bool(train), int(seed), sink
         self.detector = FaceDetector(detect_width=int(cfg["detect_width"]), min_neighbors=int(cfg["min_neighbors"]),
+                                     relaxed_neighbors=cfg.get("relaxed_neighbors"),
                                      scale_factor=float(cfg["scale_factor"]))
         # train: fresh entropy per actor (a new actor pool runs each epoch) -> new offsets per epoch
         self.rng = np.random.default_rng() if self.train else None
@@ -514,7 +516,7 @@ def _existing(uris: list[str], endpoint: str | None) -> tuple[list[str], list[st
 
 def cache_key(df: pd.DataFrame, cfg: dict, seed: int) -> str:
     keep = {k: cfg[k] for k in ("frames_per_video", "clip_len", "stride", "size", "face_scale", "smooth",
-                                "decode_max_side", "detect_width", "scale_factor", "min_neighbors",
+                                "decode_max_side", "detect_width", "scale_factor", "min_neighbors", "relaxed_neighbors",
                                 "keep_manipulations", "vid_offset")}
     h = hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode())
     h.update(pd.util.hash_pandas_object(df[["uri", "label", "split"]], index=False).values.tobytes())
