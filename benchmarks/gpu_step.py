@@ -15,6 +15,7 @@ method and thereby other dependencies) and the configs are read from the YAML fi
     python benchmarks/gpu_step.py                       # CUDA (fails without a GPU)
     python benchmarks/gpu_step.py --cpu                 # CPU smoke check (small, 2 timed steps)
     python benchmarks/gpu_step.py --batch 64 --size 64 --amp --set method.vit.depth=12
+    python benchmarks/gpu_step.py --compile reduce-overhead   # both sides compiled (CUDA graphs)
 """
 from __future__ import annotations
 
@@ -117,6 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     ap.add_argument("--set", action="append", default=[], help="config override key=value (dotted), repeatable")
+    ap.add_argument("--compile", default=None,
+                    choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                    help="torch.compile both sides' forward + loss with this mode (reduce-overhead = CUDA graphs: "
+                         "the small steps here are launch-bound); backward and the optimizer stay eager")
     args = ap.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         print("no CUDA device; use --cpu for a smoke check", file=sys.stderr)
@@ -149,10 +154,15 @@ def main(argv=None) -> int:
         bare_opt = torch.optim.AdamW(bare.parameters(), lr=1e-4)
         xb, yb = x.to(dev), y.to(dev)
 
+        def bare_loss():
+            logits = bare(xb)
+            return F.binary_cross_entropy_with_logits(logits.float(), yb.float()[:, None].expand_as(logits))
+
+        bare_loss_fn = torch.compile(bare_loss, mode=args.compile) if args.compile else bare_loss
+
         def bare_step():
             with torch.autocast("cuda", torch.bfloat16, enabled=args.amp and dev.type == "cuda"):
-                logits = bare(xb)
-                loss = F.binary_cross_entropy_with_logits(logits.float(), yb.float()[:, None].expand_as(logits))
+                loss = bare_loss_fn()
             bare_opt.zero_grad(set_to_none=True)
             loss.backward()
             bare_opt.step()
@@ -166,11 +176,16 @@ def main(argv=None) -> int:
                 yy[args.batch // 2:] = -1
             batch = {"x": xb, "y": yy.to(dev), "vid": torch.arange(args.batch, device=dev)}
 
+            def method_loss(model=model, batch=batch, stage=stage):
+                return method.loss_step(model, batch, stage, cfg)["loss"]
+
+            method_loss_fn = torch.compile(method_loss, mode=args.compile) if args.compile else method_loss
+
             def method_step():
                 with torch.autocast("cuda", torch.bfloat16, enabled=args.amp and dev.type == "cuda"):
-                    out = method.loss_step(model, batch, stage, cfg)
+                    loss = method_loss_fn()
                 opt.zero_grad(set_to_none=True)
-                out["loss"].float().backward()
+                loss.float().backward()
                 opt.step()
 
             for _ in range(warm):
@@ -188,9 +203,10 @@ def main(argv=None) -> int:
             ratios.append((f"{name}_{stage}_vs_bare", r, ">=", 0.85))
             del model, opt
     extra = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
-             "torch": torch.__version__, "amp": bool(args.amp), "steps": steps, "warmup": warm,
+             "torch": torch.__version__, "amp": bool(args.amp), "compile": args.compile, "steps": steps, "warmup": warm,
              "overrides": args.set}
-    print(f"device: {extra['device']}; torch {torch.__version__}; amp {args.amp}; median of {steps} steps")
+    print(f"device: {extra['device']}; torch {torch.__version__}; amp {args.amp}; compile {args.compile}; "
+          f"median of {steps} steps")
     report("gpu_step" if dev.type == "cuda" else "gpu_step_cpu_smoke", rows, ratios, extra)
     return 0
 
