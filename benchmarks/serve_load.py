@@ -94,6 +94,7 @@ def settings(ckpt: str, a, device: str) -> dict:
                       {"name": "batch", "max_batch_size": a.batch, "batch_wait_timeout_s": a.batch_wait, **common}],
         "request_timeout_s": 300.0,
         "inline_images": bool(a.inline_images),
+        "handle_transport": a.handle_transport,
         "batching": {"max_forward": max(a.batch, 16)},
         "resources": {"ingress_cpus": 0.25, "preprocess_cpus": 0.25},
         "max_ongoing_requests": {"ingress": 256, "preprocess": 64, "detector": max(64, a.batch)},
@@ -198,6 +199,8 @@ def main():
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--inline-images", type=int, default=1, choices=(0, 1),
                     help="1 = images decoded in the ingress (the graph's default), 0 = via the preprocess deployment")
+    ap.add_argument("--handle-transport", default="grpc", choices=("grpc", "object_store"),
+                    help="how the ingress calls the detectors (the graph's serve.handle_transport)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment variable for every Ray process (set before Ray starts; repeatable)")
     a = ap.parse_args()
@@ -305,7 +308,7 @@ def main():
         "device": device, "cores": ncpu, "torch_threads": a.threads, "backbone": a.backbone, "size": a.size,
         "batch": a.batch, "batch_wait_s": a.batch_wait, "requests_per_point": a.requests,
         "overhead_latency_ms_c1": overhead_latency, "overhead_in_graph_ms_c1": overhead_hops, "overhead_cpu_ms_per_request": overhead_cpu,
-        "inprocess_best_batch": best_bs, "inline_images": a.inline_images, "env": a.env, "loadavg_before": load_before, "loadavg_after": load_after})
+        "inprocess_best_batch": best_bs, "inline_images": a.inline_images, "handle_transport": a.handle_transport, "env": a.env, "loadavg_before": load_before, "loadavg_after": load_after})
 
 
 if __name__ == "__main__":

@@ -358,6 +358,28 @@ def test_uploaded_images_are_prepared_in_the_ingress_videos_and_uris_are_not():
     assert status == 200 and len(core.pre.calls) == 2  # and so does anything PIL does not recognise
 
 
+def test_small_detector_calls_go_by_value_large_ones_by_reference():
+    from trustlab.serve.graph import GRPC_MAX_ITEM_BYTES, GraphCore, item_nbytes, settings_from_args
+
+    class H:
+        def __init__(self, by_ref=True):
+            self.by_ref = by_ref
+
+        def options(self, _by_reference=True):
+            return H(by_ref=_by_reference)
+
+    small = {"images": [np.zeros((224, 224, 3), np.uint8)]}
+    big = {"clips": np.zeros((4, 8, 224, 224, 3), np.uint8)}
+    assert item_nbytes(small) == 224 * 224 * 3 and item_nbytes(big) > GRPC_MAX_ITEM_BYTES
+    for transport, small_by_ref in (("grpc", False), ("object_store", True)):
+        s = settings_from_args({"detectors": ["a"], "checkpoint_root": "/m", "handle_transport": transport})
+        core = GraphCore(H(), {"a": H()}, s)
+        assert core.handle_for("a", small).by_ref is small_by_ref
+        assert core.handle_for("a", big).by_ref is True  # over the replicas' gRPC message limit
+    with pytest.raises(Exception, match="handle_transport"):
+        settings_from_args({"detectors": ["a"], "checkpoint_root": "/m", "handle_transport": "pigeon"})
+
+
 # ----------------------------------------------------------------------------- fixtures for HTTP
 def _png(seed, size=48):
     from PIL import Image

@@ -47,6 +47,7 @@ Entry points:
 """
 # no `from __future__ import annotations`: FastAPI must resolve the route annotations (Request)
 import asyncio
+import concurrent.futures
 import copy
 import inspect
 import io
@@ -84,6 +85,7 @@ DEFAULTS: dict = {
     "max_video_seconds": 300.0,
     "request_timeout_s": 30.0,
     "inline_images": True,
+    "handle_transport": "grpc",
     "video": {"frames": 16, "clip_len": 8, "stride": 1, "face_size": 224, "face_scale": 1.3, "smooth": 5,
               "detect_width": 640, "frame_side": 512},
     "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_forward": 32},
@@ -102,6 +104,11 @@ DETECTOR_KEYS = ("name", "checkpoint", "method", "num_replicas", "max_batch_size
                  "max_ongoing_requests", "num_cpus", "num_gpus", "torch_threads")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
 MODALITIES = ("image", "face", "video")
+HANDLE_TRANSPORTS = ("grpc", "object_store")
+#: Detector calls at most this large go by value over the replicas' direct gRPC channel when
+#: handle_transport=grpc; Serve's replica gRPC servers accept 4 MiB messages by default
+#: (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH), so larger inputs (long videos' frames) go by reference.
+GRPC_MAX_ITEM_BYTES = 3 * 2**20
 FREE_MAPPINGS = ("env", "weights")  # mappings whose keys are the user's (not checked against DEFAULTS)
 
 
@@ -226,6 +233,9 @@ def settings_from_args(args: dict | None) -> dict:
     if not isinstance(s["env"], dict):
         raise GraphConfigError("serve.env must be a mapping of environment variables")
     s["env"] = {str(k): str(v) for k, v in s["env"].items()}
+    if s["handle_transport"] not in HANDLE_TRANSPORTS:
+        raise GraphConfigError(f"serve.handle_transport must be one of {', '.join(HANDLE_TRANSPORTS)}, "
+                               f"got {s['handle_transport']!r}")
     if not str(s["route_prefix"]).startswith("/"):
         raise GraphConfigError(f"serve.route_prefix must start with '/', got {s['route_prefix']!r}")
     f = s["fusion"]
@@ -476,6 +486,14 @@ def detector_item(kind: str, modality: str, inputs: dict, caption: str | None = 
     return item
 
 
+def item_nbytes(item: dict) -> int:
+    """Bytes of the arrays a detector item carries (its ``images`` or ``clips``)."""
+    v = item.get("clips", item.get("images"))
+    if isinstance(v, np.ndarray):
+        return int(v.nbytes)
+    return int(sum(np.asarray(a).nbytes for a in (v or ())))
+
+
 def modality_needs(kind: str | None, modalities) -> bool:
     return kind != "image" or any(m != "video" for m in modalities)
 
@@ -522,7 +540,12 @@ class DetectorRunner:
         self.epoch, self.stage = state.get("epoch"), state.get("stage")
         self.consecutive_errors = 0
         self.warmup_error = None
-        self._warmup()
+        # every forward runs on this one thread: torch's OpenMP pool belongs to the thread that calls
+        # it, and forwards hopping over asyncio's default executor threads each get their own pool whose
+        # spinning workers compete for the same cores (measured on 2 CPUs, ResNet-18 at 224 px: 39 ms per
+        # forward on one thread, 51-54 ms on a second thread after the first had run one)
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{self.name}")
+        self.executor.submit(self._warmup).result()
 
     def info(self) -> dict:
         d = self.cfg["method"].get("data") or {}
@@ -604,6 +627,10 @@ class DetectorRunner:
         owner = np.asarray(owner)
         return [flat[owner == i] for i in range(len(items))]
 
+    async def score_async(self, items: list[dict]) -> list[dict]:
+        """``score_items`` on the runner's torch thread, awaited (the event loop keeps queueing)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.score_items, items)
+
     def score_items(self, items: list[dict]) -> list[dict]:
         t0 = time.perf_counter()
         try:
@@ -677,8 +704,8 @@ class Detector:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _batched(self, items: list[dict]) -> list[dict]:
-        # the forward runs in a thread so the replica keeps queueing the next batch meanwhile
-        return await asyncio.to_thread(self.runner.score_items, items)
+        # the forward runs on the runner's torch thread so the replica keeps queueing the next batch meanwhile
+        return await self.runner.score_async(items)
 
     async def score(self, item: dict) -> dict:
         r = await self._batched(item)
@@ -867,6 +894,10 @@ class GraphCore:
         stacker = load_stacker(f["stacker"], settings.get("s3_endpoint")) if f["method"] == "logistic" else None
         self.fusion = Fusion(f["method"], f["weights"], stacker, self.names)
         self._info: dict = {}
+        # small detector calls by value over gRPC (Serve's by-value handle path: no object-store round
+        # trip per request); the plain handles (by reference) carry large items and every other call
+        self.by_value = {n: h.options(_by_reference=False) for n, h in self.handles.items()
+                         if settings.get("handle_transport") == "grpc" and hasattr(h, "options")}
         # image uploads are prepared here (a worker thread of the ingress replica) instead of one more
         # handle round trip to the preprocessing deployment: same Preprocessor code, one hop fewer
         self.local_pre = Preprocessor(settings) if settings.get("inline_images") else None
@@ -912,10 +943,15 @@ class GraphCore:
                                f"unknown detector(s) {unknown}; this graph serves: {', '.join(self.names)}")
         return list(dict.fromkeys(names))
 
+    def handle_for(self, name: str, item: dict):
+        """The by-value (gRPC) handle for an item under ``GRPC_MAX_ITEM_BYTES``, else the by-reference one."""
+        fast = self.by_value.get(name)
+        return fast if fast is not None and item_nbytes(item) <= GRPC_MAX_ITEM_BYTES else self.handles[name]
+
     async def score(self, name: str, item: dict, deadline: float) -> dict:
         t = time.perf_counter()
         try:
-            r = await self.call(self.handles[name].score.remote(item), deadline - time.perf_counter())
+            r = await self.call(self.handle_for(name, item).score.remote(item), deadline - time.perf_counter())
         except asyncio.TimeoutError:
             return {"status": "failed", "error": f"timed out (request_timeout_s={self.timeout})",
                     "ms": round(1000 * (time.perf_counter() - t), 3)}
