@@ -88,7 +88,8 @@ def settings(ckpt: str, a, device: str) -> dict:
     from trustlab.serve.graph import settings_from_args
 
     gpus = 0.5 if device == "cuda" else 0.0
-    common = {"checkpoint": ckpt, "num_cpus": a.detector_cpus, "num_gpus": gpus, "torch_threads": a.threads}
+    common = {"checkpoint": ckpt, "num_cpus": a.detector_cpus, "num_gpus": gpus,
+              "torch_threads": a.detector_threads or a.threads, "num_replicas": a.replicas}
     return settings_from_args({
         "detectors": [{"name": "nobatch", "max_batch_size": 1, **common},
                       {"name": "batch", "max_batch_size": a.batch, "batch_wait_timeout_s": a.batch_wait, **common}],
@@ -105,11 +106,11 @@ def settings(ckpt: str, a, device: str) -> dict:
 class InProcess:
     """Decode + score in this process: the graph's own code (Preprocessor, DetectorRunner) without Serve."""
 
-    def __init__(self, s: dict, bodies: list[bytes]):
+    def __init__(self, s: dict, bodies: list[bytes], threads: int):
         from trustlab.serve.graph import DetectorRunner, Preprocessor
 
         self.pre = Preprocessor(s)
-        self.det = DetectorRunner(s["detectors"][0], s)
+        self.det = DetectorRunner({**s["detectors"][0], "torch_threads": threads}, s)
         self.bodies, self.i = bodies, 0
 
     def _batch(self, bs: int) -> None:
@@ -195,6 +196,9 @@ def main():
     ap.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched deployment")
     ap.add_argument("--batch-wait", type=float, default=0.01, help="batch_wait_timeout_s of the batched deployment")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count()), help="torch threads (both sides)")
+    ap.add_argument("--replicas", type=int, default=1, help="replicas of each detector deployment")
+    ap.add_argument("--detector-threads", type=int, default=None,
+                    help="torch threads per detector replica (default: --threads; in-process always uses --threads)")
     ap.add_argument("--detector-cpus", type=float, default=0.5, help="Ray CPUs reserved per detector replica")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--inline-images", type=int, default=1, choices=(0, 1),
@@ -221,7 +225,7 @@ def main():
     load_before = os.getloadavg()
     n_in = max(16, a.requests // 2)
 
-    inproc = InProcess(s, imgs)
+    inproc = InProcess(s, imgs, a.threads)
     sweep = [inproc.measure(bs, n_in, a.seconds / 2) for bs in batch_sizes]
     best_bs = max(sweep, key=lambda r: r["images_per_s"])["batch"]
     # in-process reference points, taken between the graph points (the machine's load drifts)
@@ -305,7 +309,8 @@ def main():
         (f"p50_c{c_lo}_above_inprocess_ms", overhead_latency, "<=", 15.0),
     ]
     report("serve_load", rows, ratios, {
-        "device": device, "cores": ncpu, "torch_threads": a.threads, "backbone": a.backbone, "size": a.size,
+        "device": device, "cores": ncpu, "torch_threads": a.threads, "replicas": a.replicas,
+        "detector_threads": a.detector_threads or a.threads, "backbone": a.backbone, "size": a.size,
         "batch": a.batch, "batch_wait_s": a.batch_wait, "requests_per_point": a.requests,
         "overhead_latency_ms_c1": overhead_latency, "overhead_in_graph_ms_c1": overhead_hops, "overhead_cpu_ms_per_request": overhead_cpu,
         "inprocess_best_batch": best_bs, "inline_images": a.inline_images, "handle_transport": a.handle_transport, "env": a.env, "loadavg_before": load_before, "loadavg_after": load_after})
