@@ -19,7 +19,8 @@ CPU seconds its process tree spent per wall second (measured from /proc, so the 
 put on a shared machine does not count against either side; the sampler thread's own CPU, which
 grows with the number of processes it reads, is subtracted). Memory is the peak summed PSS of the
 driver and every process under it (Ray's GCS, raylet, workers, object store mappings), sampled
-every 0.2 s, above the idle level measured just before the run.
+every 0.2 s, above the level of the fresh local Ray (its daemons, before any pipeline ran), the
+same baseline for the N and the 4N run.
 
 Files: ``--set real`` (default) = copies of ``../shared/data/real/multiface_video.mp4``
 (1920x1080, 105 frames, one H.264 GOP); ``--set synth`` = the synthetic face-video set at
@@ -108,9 +109,13 @@ def _name(pid: int) -> str:
             comm = f.read().strip()
     except OSError:
         return "?"
-    for key in ("ray::", "gcs_server", "raylet", "dashboard", "log_monitor", "runtime_env", "plasma"):
+    if comm.startswith("ray::") or cmd.startswith("ray::"):
+        return comm
+    if "default_worker.py" in cmd:
+        return "ray worker (starting)"
+    for key in ("gcs_server", "raylet", "dashboard", "log_monitor", "runtime_env", "plasma"):
         if key in cmd or key in comm:
-            return comm if key == "ray::" else key
+            return key
     return "driver" if pid == os.getpid() else comm
 
 
@@ -124,6 +129,7 @@ class TreeMonitor:
         self.peak = 0
         self.peak_parts: list = []
         self.own_cpu = 0.0
+        self.by_name: dict[str, float] = {}
         self._stop = threading.Event()
 
     def _sample(self):
@@ -137,7 +143,11 @@ class TreeMonitor:
             parts.append((m, p, d.get("Pss_Anon", 0), d.get("Pss_Shmem", 0)))
             c = cpu_seconds(p)
             self.cpu0.setdefault(p, c)
-            self.cpu[p] = max(self.cpu.get(p, 0.0), c)
+            prev = self.cpu.get(p, self.cpu0[p])
+            self.cpu[p] = max(prev, c)
+            # CPU since the last sample goes to the process's current title (Ray workers change theirs)
+            n = _name(p)
+            self.by_name[n] = self.by_name.get(n, 0.0) + self.cpu[p] - prev
         if tot > self.peak:
             self.peak = tot
             self.peak_parts = [(m, _name(p), an, sh) for m, p, an, sh in sorted(parts, reverse=True)[:8]]
@@ -148,7 +158,7 @@ class TreeMonitor:
 
     def __enter__(self):
         self.cpu0 = {p: cpu_seconds(p) for p in tree(os.getpid(), self.exclude)}
-        self.cpu, self.peak = dict(self.cpu0), 0
+        self.cpu, self.peak, self.by_name = dict(self.cpu0), 0, {}
         self._stop.clear()
         self._t = threading.Thread(target=self._loop, daemon=True)
         self._t.start()
@@ -165,6 +175,10 @@ class TreeMonitor:
         self._stop.set()
         self._t.join()
         self._sample()
+
+    def cpu_by_name(self, top: int = 8) -> list:
+        """CPU seconds per process name (summed over pids of that name), largest first."""
+        return sorted(((n, round(c, 2)) for n, c in self.by_name.items()), key=lambda x: -x[1])[:top]
 
     @property
     def cpu_used(self) -> float:
@@ -275,11 +289,10 @@ def run_naive(keys, bucket, endpoint, frames: int, clip_len: int, mon_excl) -> d
     return dict(videos=len(keys), frames=n_frames, wall_s=wall, cpu_s=m.cpu_used, peak_pss=m.peak)
 
 
-def run_ray(manifest_uri, endpoint, cfg: dict, mon_excl) -> dict:
+def run_ray(manifest_uri, endpoint, cfg: dict, mon_excl, idle: int = 0) -> dict:
     from trustlab.platform.data.video import clip_datasets
 
     mon = TreeMonitor(mon_excl)
-    idle = mon.idle()
     with mon as m:
         t0 = time.perf_counter()
         ds, rep = clip_datasets(dict(manifest=manifest_uri, **cfg), splits=("test",), s3_endpoint=endpoint)
@@ -292,7 +305,7 @@ def run_ray(manifest_uri, endpoint, cfg: dict, mon_excl) -> dict:
     rep.close()
     return dict(videos=st.get("videos", 0), frames=st.get("frames", 0), clips=clips, wall_s=wall, cpu_s=m.cpu_used,
                 peak_pss=m.peak, idle_pss=idle, peak_above_idle=m.peak - idle, bad=len(bad),
-                peak_breakdown_mib=[(n, round(b / 2**20), round(an / 2**20), round(sh / 2**20))
+                cpu_by_process=m.cpu_by_name(), peak_breakdown_mib=[(n, round(b / 2**20), round(an / 2**20), round(sh / 2**20))
                                     for b, n, an, sh in m.peak_parts],
                 face_detected=st.get("detected", 0), fallback=st.get("fallback_prev", 0) + st.get("fallback_centre", 0))
 
@@ -310,6 +323,7 @@ def main(argv=None):
                     help="decode size limit of (a) and (b) (the pipeline default); (a) also runs at native size")
     ap.add_argument("--synth-size", type=int, default=256, help="frame side of the synthetic videos")
     ap.add_argument("--synth-frames", type=int, default=96, help="frames per synthetic video")
+    ap.add_argument("--progress", type=int, default=1, choices=(0, 1), help="Ray Data progress reporting in (b)")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "video_ingest.json"))
     a = ap.parse_args(argv)
 
@@ -346,12 +360,18 @@ def main(argv=None):
         print("[video_ingest] (c) done", flush=True)
         ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level="warning")
+        if not a.progress:
+            ray.data.DataContext.get_current().enable_progress_bars = False
         try:
+            # one baseline for both runs: the fresh cluster's daemons before any pipeline ran (a baseline
+            # taken between the runs would count or not count idle workers the previous run left)
+            time.sleep(2.0)
+            idle = TreeMonitor(excl).idle()
             # one small warm-up pass so worker start-up of the fresh cluster is not charged to N alone
-            run_ray(man_n, endpoint, dict(cfg, frames_per_video=a.clip_len), excl)
-            res["b_ray_s3_N"] = run_ray(man_n, endpoint, cfg, excl)
+            run_ray(man_n, endpoint, dict(cfg, frames_per_video=a.clip_len), excl, idle)
+            res["b_ray_s3_N"] = run_ray(man_n, endpoint, cfg, excl, idle)
             print("[video_ingest] (b) N done", flush=True)
-            res["b_ray_s3_4N"] = run_ray(man_4n, endpoint, cfg, excl)
+            res["b_ray_s3_4N"] = run_ray(man_4n, endpoint, cfg, excl, idle)
             print("[video_ingest] (b) 4N done", flush=True)
         finally:
             ray.shutdown()
@@ -372,13 +392,16 @@ def main(argv=None):
               f"{r['videos_per_s']:>8.2f}{r['videos_per_cpu_s']:>10.3f}{r['peak_pss'] / 2**20:>10.0f}")
     print(f"(b) faces: detected in {b_['face_detected']} of {b_['frames']} frames (N), fallback {b_['fallback']}; "
           f"bad files {b_['bad']}")
-    print(f"(b) peak PSS above idle: N={b_['peak_above_idle'] / 2**20:.0f} MiB, "
-          f"4N={b4['peak_above_idle'] / 2**20:.0f} MiB (idle {b_['idle_pss'] / 2**20:.0f} MiB)")
+    print(f"(b) peak PSS above the idle cluster: N={b_['peak_above_idle'] / 2**20:.0f} MiB, "
+          f"4N={b4['peak_above_idle'] / 2**20:.0f} MiB (idle {b_['idle_pss'] / 2**20:.0f} MiB; peak totals "
+          f"{b_['peak_pss'] / 2**20:.0f} / {b4['peak_pss'] / 2**20:.0f} MiB)")
     for k in ("b_ray_s3_N", "b_ray_s3_4N"):
         print(f"(b) {k} largest processes at peak, PSS MiB (anon/shmem): "
               + ", ".join(f"{n} {m} ({an}/{sh})" for n, m, an, sh in res[k]["peak_breakdown_mib"]))
     # throughput ratios from the 4N run (steady state: the decoding actors' start-up, a fixed cost,
     # is spread over 4N videos); the N run's figures are printed beside them
+    for k in ("b_ray_s3_N", "b_ray_s3_4N"):
+        print(f"(b) {k} CPU seconds by process: " + ", ".join(f"{n} {c}" for n, c in res[k]["cpu_by_process"]))
     print(f"(b) at N: per core {b_['videos_per_cpu_s'] / a_['videos_per_cpu_s']:.3f} x (a), "
           f"{b_['videos_per_s'] / c_['videos_per_s']:.3f} x (c) in videos/s")
     ratios = {

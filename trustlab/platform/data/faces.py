@@ -69,7 +69,8 @@ class FaceDetector:
         With ``relaxed_neighbors`` (< ``min_neighbors``), a frame where no candidate cluster reaches
         ``min_neighbors`` returns the clusters reaching ``relaxed_neighbors`` instead, from the same
         cascade pass (its raw windows are grouped twice, as ``detectMultiScale`` groups them): a
-        marginal face costs no second whole-frame pass on the next frame."""
+        marginal face costs no second whole-frame pass on the next frame. ``detect_near`` does the
+        same around a known face."""
         cv2 = self._cv2
         h, w = frame.shape[:2]
         f = 1.0
@@ -80,22 +81,27 @@ class FaceDetector:
         gray = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)
         gray = cv2.equalizeHist(gray)
         ms = max(12, int(self.min_face_frac * min(gray.shape)))
-        relaxed = self.relaxed_neighbors
-        if relaxed is None or relaxed >= self.min_neighbors:
-            boxes = self.clf.detectMultiScale(gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
-                                              minSize=(ms, ms))
-        else:
-            raw = [list(map(int, r)) for r in self.clf.detectMultiScale(gray, scaleFactor=self.scale_factor,
-                                                                         minNeighbors=0, minSize=(ms, ms))]
-            boxes = ()
-            for k in (self.min_neighbors, relaxed):
-                boxes, _ = cv2.groupRectangles(raw, k, 0.2) if raw else ((), None)
-                if len(boxes):
-                    break
+        boxes = self._cascade(gray, minSize=(ms, ms))
         if len(boxes) == 0:
             return np.zeros((0, 4), np.float64)
         return np.asarray(boxes, np.float64) / f
 
+
+    def _cascade(self, gray: np.ndarray, **size) -> np.ndarray:
+        """One cascade pass; clusters of >= min_neighbors windows, else (``relaxed_neighbors``) of >=
+        relaxed_neighbors windows from the same raw windows (grouped as ``detectMultiScale`` does)."""
+        relaxed = self.relaxed_neighbors
+        if relaxed is None or relaxed >= self.min_neighbors:
+            return self.clf.detectMultiScale(gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
+                                             **size)
+        raw = [list(map(int, r)) for r in self.clf.detectMultiScale(gray, scaleFactor=self.scale_factor,
+                                                                     minNeighbors=0, **size)]
+        boxes = ()
+        for k in (self.min_neighbors, relaxed):
+            boxes, _ = self._cv2.groupRectangles(raw, k, 0.2) if raw else ((), None)
+            if len(boxes):
+                break
+        return boxes
 
     def detect_near(self, frame: np.ndarray, square, roi_scale: float = 2.0, norm: int = 96) -> np.ndarray:
         """Faces near a known face ``(cx, cy, side)``: the cascade runs on the surrounding
@@ -117,8 +123,7 @@ class FaceDetector:
         lo, hi = max(20, int(0.6 * side * f)), int(np.ceil(1.6 * side * f))
         if lo > min(gray.shape):
             return np.zeros((0, 4), np.float64)
-        boxes = self.clf.detectMultiScale(gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
-                                          minSize=(lo, lo), maxSize=(hi, hi))
+        boxes = self._cascade(gray, minSize=(lo, lo), maxSize=(hi, hi))
         if len(boxes) == 0:
             return np.zeros((0, 4), np.float64)
         b = np.asarray(boxes, np.float64) / f
@@ -237,11 +242,14 @@ def track_clip(frames: np.ndarray, detector: FaceDetector | None, size: int, sca
     frame: with ``track`` (default) near the last detected face (``detect_near``); on the whole
     frame (largest face) while no face is known, and after ``redetect_after`` consecutive misses
     near it (a miss in between falls back to the previous box and is counted). ``start``: a face
-    ``(cx, cy, side)`` to look near in the first frame (e.g. the previous clip's last)."""
+    ``(cx, cy, side)`` to look near in the first frame (e.g. the previous clip's last); a miss
+    there goes straight to a whole-frame pass."""
     t, h, w = frames.shape[:3]
     squares = []
     last = None if start is None else np.asarray(start, np.float64)
-    misses = 0
+    # a start hint comes from another moment of the video (the previous clip): one miss near it is
+    # enough to look at the whole frame
+    misses = 0 if start is None else max(0, int(redetect_after) - 1)
     for i in range(t):
         if boxes is not None:
             b = largest(boxes[i])
