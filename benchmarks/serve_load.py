@@ -240,7 +240,7 @@ def main():
     import ray
     from ray import serve
 
-    from trustlab.serve.graph import build_app, http_options
+    from trustlab.serve.graph import build_app, http_options, logging_config
 
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from conftest import free_port  # noqa: E402
@@ -248,7 +248,7 @@ def main():
     ncpu = os.cpu_count()
     ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False)
     port = free_port()
-    serve.start(http_options=http_options({**s, "host": "127.0.0.1", "port": port}))
+    serve.start(http_options=http_options({**s, "host": "127.0.0.1", "port": port}), logging_config=logging_config(s))
     graph = {}
     try:
         serve.run(build_app(s), name="serve-load", route_prefix="/", blocking=False)

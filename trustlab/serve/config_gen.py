@@ -141,7 +141,7 @@ def graph_settings(overrides: list[str]) -> dict:
 
 def serve_config(settings: dict, host: str | None = None, port: int | None = None) -> dict:
     """The Serve config (``ServeDeploySchema`` shape) of one graph application."""
-    from trustlab.serve.graph import deployment_options, http_options
+    from trustlab.serve.graph import deployment_options, http_options, logging_config
 
     s = copy.deepcopy(settings)
     args = {k: v for k, v in s.items() if k not in ("host", "port", "app_name", "route_prefix")}
@@ -155,6 +155,7 @@ def serve_config(settings: dict, host: str | None = None, port: int | None = Non
     cfg = {
         "proxy_location": "EveryNode",
         "http_options": http,
+        "logging_config": logging_config(s),
         "applications": [{
             "name": s["app_name"],
             "route_prefix": s["route_prefix"],

@@ -86,6 +86,7 @@ DEFAULTS: dict = {
     "request_timeout_s": 30.0,
     "inline_images": True,
     "handle_transport": "grpc",
+    "access_log": False,
     "video": {"frames": 16, "clip_len": 8, "stride": 1, "face_size": 224, "face_scale": 1.3, "smooth": 5,
               "detect_width": 640, "frame_side": 512},
     "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_forward": 32},
@@ -1063,7 +1064,8 @@ class Ingress:
     async def detect(self, request: Request):
         t0 = time.perf_counter()
         status, body = await self.core.detect(await parse_request(request, self.s), t0)
-        return body if status == 200 else JSONResponse(body, status_code=status)
+        # the body is plain JSON types already: a JSONResponse skips FastAPI's jsonable_encoder walk
+        return JSONResponse(body, status_code=status)
 
     @api.get("/v1/detectors", summary="The detectors this graph serves, the fusion and the limits")
     async def detectors(self):
@@ -1080,6 +1082,11 @@ class Ingress:
 
 
 # ----------------------------------------------------------------------------- building
+def logging_config(s: dict) -> dict:
+    """Serve logging of the graph's deployments and of the proxy/controller (``serve.start``, config files)."""
+    return {"enable_access_log": bool(s["access_log"])}
+
+
 def deployment_options(s: dict) -> dict:
     """Deployment name -> Serve options, as ``build_app`` applies them (and config_gen writes them)."""
     def actor(cpus, gpus=0.0):
@@ -1091,7 +1098,8 @@ def deployment_options(s: dict) -> dict:
         return o
 
     common = {"health_check_period_s": float(s["health_check_period_s"]),
-              "health_check_timeout_s": float(s["health_check_timeout_s"])}
+              "health_check_timeout_s": float(s["health_check_timeout_s"]),
+              "logging_config": logging_config(s)}
     r, mo, res = s["replicas"], s["max_ongoing_requests"], s["resources"]
     out = {
         "ingress": {"num_replicas": r["ingress"], "max_ongoing_requests": mo["ingress"],
@@ -1145,7 +1153,7 @@ def start(cfg: dict, blocking: bool = False):
 
     s = absolutize_local_paths(settings_from_args(cfg))
     init_ray(cfg if "ray" in cfg else None)
-    serve.start(http_options=http_options(s))
+    serve.start(http_options=http_options(s), logging_config=logging_config(s))
     handle = serve.run(build_app(s), name=s["app_name"], route_prefix=s["route_prefix"], blocking=False)
     base = f"http://{s['host']}:{s['port']}{s['route_prefix'].rstrip('/')}"
     print(f"[trustlab] detection graph ({', '.join(d['name'] for d in s['detectors'])}) on {base}/v1/detect "
