@@ -350,17 +350,19 @@ class ClipMaker:
     ``meta``: ``{path key: {uri, vid, label, video_id, manipulation, source, split}}``;
     ``sink``: a report actor handle (or a ``_LocalReport``) receiving bad files and counts."""
 
-    def __init__(self, meta: dict, cfg: dict, train: bool, seed: int, sink=None):
+    def __init__(self, meta: dict, cfg: dict, train: bool, seed: int, sink=None, in_actor: bool = False):
         self.meta, self.cfg, self.train, self.seed, self.sink = meta, cfg, bool(train), int(seed), sink
-        # one decoding actor is one core's worth of work (parallelism comes from the actor pool): OpenCV's
-        # own thread pool would oversubscribe the cores it shares with the other actors
-        import cv2
+        self.in_actor = bool(in_actor)
+        if self.in_actor:  # process-wide settings: only in a decoding actor's own process
+            # one decoding actor is one core's worth of work (parallelism comes from the actor pool):
+            # OpenCV's own thread pool would oversubscribe the cores it shares with the other actors
+            import cv2
 
-        cv2.setNumThreads(1)
-        # what this long-lived actor has imported stays out of the per-batch gc.collect below
-        # (a full collection over it cost ~70 ms per call)
-        gc.collect()
-        gc.freeze()
+            cv2.setNumThreads(1)
+            # what this long-lived actor has imported stays out of the per-batch gc.collect below
+            # (a full collection over it cost ~70 ms per call)
+            gc.collect()
+            gc.freeze()
         self.detector = FaceDetector(detect_width=int(cfg["detect_width"]), min_neighbors=int(cfg["min_neighbors"]),
                                      relaxed_neighbors=cfg.get("relaxed_neighbors"),
                                      scale_factor=float(cfg["scale_factor"]))
@@ -415,7 +417,8 @@ class ClipMaker:
         # decord's in-memory reader leaves each video's bytes in a reference cycle (tracemalloc in a
         # decoding actor: +23 MiB of decord bytearrays after 10 videos); the cyclic GC would free them only
         # when object counts trigger it, so the actor grew by ~2 MiB per video: collect them now
-        gc.collect()
+        if self.in_actor:
+            gc.collect()
         if _LIBC is not False:
             _trim_heap()
         if not rows["y"]:
@@ -593,7 +596,7 @@ def _split_dataset(d: pd.DataFrame, split: str, cfg: dict, seed: int, endpoint: 
                                     concurrency=int(cfg.get("read_concurrency") or n_act))
     return ds.map_batches(
         ClipMaker,
-        fn_constructor_kwargs=dict(meta=_meta(d), cfg=cfg, train=train, seed=seed, sink=report.sink()),
+        fn_constructor_kwargs=dict(meta=_meta(d), cfg=cfg, train=train, seed=seed, sink=report.sink(), in_actor=True),
         batch_size=max(1, int(cfg["files_per_batch"])),
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_act),
