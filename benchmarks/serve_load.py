@@ -89,7 +89,7 @@ def settings(ckpt: str, a, device: str) -> dict:
 
     gpus = 0.5 if device == "cuda" else 0.0
     common = {"checkpoint": ckpt, "num_cpus": a.detector_cpus, "num_gpus": gpus,
-              "torch_threads": a.detector_threads or a.threads, "num_replicas": a.replicas}
+              "torch_threads": a.detector_threads, "num_replicas": a.replicas}
     return settings_from_args({
         "detectors": [{"name": "nobatch", "max_batch_size": 1, **common},
                       {"name": "batch", "max_batch_size": a.batch, "batch_wait_timeout_s": a.batch_wait, **common}],
@@ -208,6 +208,7 @@ def main():
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment variable for every Ray process (set before Ray starts; repeatable)")
     a = ap.parse_args()
+    a.detector_threads = a.detector_threads or a.threads
     for kv in a.env:
         k, _, v = kv.partition("=")
         os.environ[k] = v
@@ -310,7 +311,7 @@ def main():
     ]
     report("serve_load", rows, ratios, {
         "device": device, "cores": ncpu, "torch_threads": a.threads, "replicas": a.replicas,
-        "detector_threads": a.detector_threads or a.threads, "backbone": a.backbone, "size": a.size,
+        "detector_threads": a.detector_threads, "backbone": a.backbone, "size": a.size,
         "batch": a.batch, "batch_wait_s": a.batch_wait, "requests_per_point": a.requests,
         "overhead_latency_ms_c1": overhead_latency, "overhead_in_graph_ms_c1": overhead_hops, "overhead_cpu_ms_per_request": overhead_cpu,
         "inprocess_best_batch": best_bs, "inline_images": a.inline_images, "handle_transport": a.handle_transport, "env": a.env, "loadavg_before": load_before, "loadavg_after": load_after})

@@ -97,10 +97,6 @@ def pss_parts(pid: int) -> dict:
     return out
 
 
-def pss_bytes(pid: int) -> int:
-    return pss_parts(pid).get("Pss", 0)
-
-
 def _name(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -86,7 +86,6 @@ class FaceDetector:
             return np.zeros((0, 4), np.float64)
         return np.asarray(boxes, np.float64) / f
 
-
     def _cascade(self, gray: np.ndarray, **size) -> np.ndarray:
         """One cascade pass; clusters of >= min_neighbors windows, else (``relaxed_neighbors``) of >=
         relaxed_neighbors windows from the same raw windows (grouped as ``detectMultiScale`` does)."""

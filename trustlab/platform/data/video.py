@@ -80,7 +80,7 @@ DEFAULTS = {
     "detect_width": 640,         # frames wider than this are downscaled for detection
     "scale_factor": 1.1,         # Haar cascade scaleFactor of whole-frame passes (1.2: ~40% faster, misses more)
     "min_neighbors": 5,          # Haar cascade minNeighbors
-    "relaxed_neighbors": 3,      # whole-frame passes: minNeighbors accepted when none reaches min_neighbors (same pass; null = off)
+    "relaxed_neighbors": 3,      # Haar passes (whole frame and near a tracked face): minNeighbors accepted when none reaches min_neighbors (same pass; null = off)
     "cache": None,               # Parquet crop cache (local folder or s3://); null = decode every epoch
     "num_decoders": 2,           # max actors decoding in parallel (ActorPoolStrategy max_size)
     "decode_cpus": 0.5,          # CPUs reserved per decoding actor
