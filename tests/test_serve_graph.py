@@ -617,8 +617,7 @@ def test_s3_uri_input_scores_like_the_upload(graph):
 def test_video_happy_path(graph, tmp_path):
     import torch
 
-    from trustlab.platform.data.faces import FaceDetector, track_clip
-    from trustlab.platform.data.video import decode_sampled, open_video, sample_indices
+    from trustlab.platform.data.video import decode_sampled, face_clips, face_detector, open_video, sample_indices
 
     data = _face_video(tmp_path / "face.mp4", 24)
     r = _post(graph["url"], data, "video/mp4", "face.mp4")
@@ -637,13 +636,14 @@ def test_video_happy_path(graph, tmp_path):
     assert b["detectors"]["f2c"]["score"] == pytest.approx(want, abs=1e-5)
     if graph["video"]:
         t = VIDEO_CFG["clip_len"]
-        det = FaceDetector(detect_width=VIDEO_CFG["detect_width"])
-        clips = [track_clip(frames[j:j + t], det, VIDEO_CFG["face_size"], 1.3, 5) for j in range(0, len(idx), t)]
-        assert all(st.detected == t for _, _, st in clips), "the portrait's face should be found in every frame"
+        # the training data plane's detector (its default Haar knobs) and clip tracking
+        clips, st, _ = face_clips(frames, face_detector({"detect_width": VIDEO_CFG["detect_width"]}), t,
+                                  VIDEO_CFG["face_size"], 1.3, 5)
+        assert st.detected == len(idx), "the portrait's face should be found in every frame"
         method, model, cfg = _reference(graph["video"])
         with torch.no_grad():
             want = float(np.mean([float(method.predict(model, method.serve_inputs(list(c), cfg), cfg)[0])
-                                  for c, _, _ in clips]))
+                                  for c in clips]))
         v = b["detectors"][VIDEO_METHOD]
         assert v["status"] == "ok" and v["units"] == len(clips)
         assert v["score"] == pytest.approx(want, abs=1e-5)

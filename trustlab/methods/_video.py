@@ -337,10 +337,18 @@ def build_video_data(cfg: dict, unlabelled_targets: bool = False) -> dict:
     out = dict(load(cfg, source, ("train", "val", "test"), 0))
     for i, t in enumerate(targets):
         got = load(cfg, t, ("train", "test") if unlabelled_targets else ("test",), (i + 1) * 1_000_000)
-        out[f"target:{t}"] = got["test"]
+        out[f"target:{t}"] = tag_domain(got["test"], i + 1)  # domain i = the protocol's i-th target
         if unlabelled_targets:
             out[f"unlabelled:{t}"] = got["train"]
     return out
+
+
+def tag_domain(split, domain: int):
+    """The split with a ``domain`` column (every other column kept): 0 is the source, i the i-th
+    target; a method that standardises per domain reads it at evaluation, the others ignore it."""
+    if isinstance(split, dict):
+        return {**split, "domain": np.full(len(split["y"]), domain, np.int64)}
+    return split.map_batches(lambda b: {**b, "domain": np.full(len(b["y"]), domain, np.int64)}, batch_format="numpy")
 
 
 def real_only(split):

@@ -88,7 +88,8 @@ DEFAULTS: dict = {
     "handle_transport": "grpc",
     "access_log": False,
     "video": {"frames": 16, "clip_len": 8, "stride": 1, "face_size": 224, "face_scale": 1.3, "smooth": 5,
-              "detect_width": 640, "frame_side": 512},
+              "detect_width": 640, "scale_factor": 1.1, "min_neighbors": 5, "relaxed_neighbors": 3,
+              "frame_side": 512},
     "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_forward": 32},
     "replicas": {"ingress": 1, "preprocess": 1, "detector": 1},
     "resources": {"ingress_cpus": 0.25, "preprocess_cpus": 0.5, "detector_cpus": 1.0, "detector_gpus": 0.0,
@@ -220,9 +221,15 @@ def settings_from_args(args: dict | None) -> dict:
         s[k] = _positive(s[k], f"serve.{k}")
     for k in ("max_json_kb", "max_image_pixels", "max_video_frames", "unhealthy_after_errors", "port"):
         s[k] = int(_positive(s[k], f"serve.{k}", integer=True))
-    for k in ("frames", "clip_len", "stride", "face_size", "detect_width", "frame_side", "smooth"):
+    for k in ("frames", "clip_len", "stride", "face_size", "detect_width", "frame_side", "smooth", "min_neighbors"):
         s["video"][k] = int(_positive(s["video"][k], f"serve.video.{k}", integer=True))
+    if s["video"]["relaxed_neighbors"] is not None:
+        s["video"]["relaxed_neighbors"] = int(_positive(s["video"]["relaxed_neighbors"],
+                                                        "serve.video.relaxed_neighbors", integer=True))
     s["video"]["face_scale"] = _positive(s["video"]["face_scale"], "serve.video.face_scale")
+    s["video"]["scale_factor"] = _positive(s["video"]["scale_factor"], "serve.video.scale_factor")
+    if s["video"]["scale_factor"] <= 1.0:
+        raise GraphConfigError(f"serve.video.scale_factor must be > 1, got {s['video']['scale_factor']}")
     s["batching"]["max_forward"] = int(_positive(s["batching"]["max_forward"], "serve.batching.max_forward", integer=True))
     for k in ("ingress", "preprocess"):
         if s["replicas"][k] != "auto":
@@ -321,9 +328,9 @@ class Preprocessor:
     def face_detector(self):
         det = getattr(self._local, "det", None)
         if det is None:
-            from trustlab.platform.data.faces import FaceDetector
+            from trustlab.platform.data.video import face_detector
 
-            det = self._local.det = FaceDetector(detect_width=int(self.v["detect_width"]))
+            det = self._local.det = face_detector(self.v)
         return det
 
     def run(self, req: dict) -> dict:
@@ -432,19 +439,10 @@ class Preprocessor:
         if "image" in mods:
             inputs["frames"] = self._bounded(frames, int(v["frame_side"]))
         if mods & {"face", "video"}:
-            from trustlab.platform.data.faces import ClipStats, track_clip
-
-            k = len(idx) // t
-            size = int(v["face_size"])
-            clips = np.empty((k, t, size, size, 3), np.uint8)
-            stats = ClipStats()
-            for j in range(k):
-                crops, _, st = track_clip(frames[j * t:(j + 1) * t], self.face_detector(), size,
-                                          float(v["face_scale"]), int(v["smooth"]))
-                clips[j] = crops
-                stats.add(st)
+            clips, stats, _ = V.face_clips(frames, self.face_detector(), t, int(v["face_size"]),
+                                           float(v["face_scale"]), int(v["smooth"]))
             inputs["clips"] = clips
-            meta.update(clips=k, clip_len=t, faces=stats.as_dict())
+            meta.update(clips=len(clips), clip_len=t, faces=stats.as_dict())
         return {"inputs": inputs, "meta": meta}
 
     @staticmethod

@@ -192,20 +192,37 @@ def video_clips(video_bytes: bytes, cfg: dict, detector: FaceDetector, train: bo
     t = max(1, int(cfg["clip_len"]))
     idx = sample_indices(n_total, int(cfg["frames_per_video"]), t, int(cfg["stride"]), train, rng)
     frames = _get_frames(vr, idx)
-    k = len(idx) // t
-    size = int(cfg["size"])
+    out, stats, fallbacks = face_clips(frames, detector, t, int(cfg["size"]), float(cfg["face_scale"]),
+                                       int(cfg["smooth"]))
+    return out, idx.reshape(len(out), t), stats, fallbacks
+
+
+def face_detector(cfg: dict) -> FaceDetector:
+    """The Haar detector a data-plane config describes (``detect_width``, ``scale_factor``,
+    ``min_neighbors``, ``relaxed_neighbors``; missing keys take ``DEFAULTS``). The Serve graph
+    builds its detector here too, so served crops match the ones a model was trained on."""
+    c = {**DEFAULTS, **cfg}
+    return FaceDetector(detect_width=int(c["detect_width"]), min_neighbors=int(c["min_neighbors"]),
+                        relaxed_neighbors=c.get("relaxed_neighbors"), scale_factor=float(c["scale_factor"]))
+
+
+def face_clips(frames: np.ndarray, detector: FaceDetector, t: int, size: int, scale: float = 1.3,
+               smooth: int = 5):
+    """Sampled frames (K*T, H, W, 3) -> ``(crops (K, T, size, size, 3) uint8, stats, fallback
+    frames per clip (K,))``: one tracked face per clip, each clip's search starting from the face
+    the previous clip ended on (``track_clip``'s ``start``)."""
+    k = len(frames) // t
     out = np.empty((k, t, size, size, 3), np.uint8)
     stats = ClipStats()
     fallbacks = np.zeros(k, np.int64)
     last = None
     for j in range(k):
-        crops, _, st = track_clip(frames[j * t : (j + 1) * t], detector, size, float(cfg["face_scale"]),
-                                  int(cfg["smooth"]), start=last)
+        crops, _, st = track_clip(frames[j * t : (j + 1) * t], detector, size, scale, smooth, start=last)
         last = st.last_face
         out[j] = crops
         stats.add(st)
         fallbacks[j] = st.fallback
-    return out, idx.reshape(k, t), stats, fallbacks
+    return out, stats, fallbacks
 
 
 def classify_error(e: BaseException, nbytes: int) -> str:
@@ -363,9 +380,7 @@ class ClipMaker:
             # (a full collection over it cost ~70 ms per call)
             gc.collect()
             gc.freeze()
-        self.detector = FaceDetector(detect_width=int(cfg["detect_width"]), min_neighbors=int(cfg["min_neighbors"]),
-                                     relaxed_neighbors=cfg.get("relaxed_neighbors"),
-                                     scale_factor=float(cfg["scale_factor"]))
+        self.detector = face_detector(cfg)
         # train: fresh entropy per actor (a new actor pool runs each epoch) -> new offsets per epoch
         self.rng = np.random.default_rng() if self.train else None
 
