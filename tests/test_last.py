@@ -82,7 +82,7 @@ def run_adapt(cfg, data, backbone_state):
 
 def test_target_labels_never_reach_training():
     cfg = cfg_of("method.data.n_videos_per_class=10", "method.data.targets=[synth_warp]", "method.batch_size=16",
-                 "method.adapt.threshold=0.5", "method.adapt.warmup_steps=1")
+                 "method.adapt.target_weight=1.0", "method.adapt.threshold=0.5", "method.adapt.warmup_steps=1")
     method = get_method("last")
     data = adapt_data(cfg)
     tgt = data["unlabelled:synth_warp"]
@@ -116,10 +116,20 @@ def test_target_labels_never_reach_training():
     other["unlabelled:synth_warp"] = {**tgt, "x": np.ascontiguousarray(tgt["x"][::-1])}
     got, _ = run_adapt(cfg, other, backbone)
     assert not torch.equal(ref["head.1.weight"], got["head.1.weight"])
-    # and the source-only ablation trains a different head
+    # the default (per-domain statistics, no pseudo-labels): the target clips set the target's
+    # statistics, their labels still change nothing
+    base = cfg_of("method.data.n_videos_per_class=10", "method.data.targets=[synth_warp]", "method.batch_size=16")
+    assert float(base["method"]["adapt"]["target_weight"]) == 0 and base["method"]["adapt"]["domain_stats"]
+    ref0, _ = run_adapt(base, data, backbone)
+    assert ref0["head.0.count"][1] > 0 and not torch.equal(ref0["head.0.total"][1], ref0["head.0.total"][0])
+    other = dict(data)
+    other["unlabelled:synth_warp"] = {**tgt, "y": 1 - tgt["y"]}
+    got, _ = run_adapt(base, other, backbone)
+    assert all(torch.equal(ref0[k], got[k]) for k in ref0)
+    # and the source-only ablation trains a different head, and keeps no target statistics
     got, _ = run_adapt(cfg_of("method.data.n_videos_per_class=10", "method.data.targets=[synth_warp]",
-                              "method.batch_size=16", "method.adapt.target_weight=0"), data, backbone)
-    assert not torch.equal(ref["head.1.weight"], got["head.1.weight"])
+                              "method.batch_size=16", "method.adapt.domain_stats=false"), data, backbone)
+    assert not torch.equal(ref["head.1.weight"], got["head.1.weight"]) and got["head.0.count"][1] == 0
 
 
 def test_adapt_freezes_the_backbone():
