@@ -1,7 +1,7 @@
 """Serve load: the one-detector detection graph over HTTP against the same detector in-process.
 
 A detector at serving size (F2C with a ResNet-18 backbone at 224 px, random init: speed does
-not depend on the weights) is served by the composed graph (HTTP proxy -> ingress ->
+not depend on the weights) is served by the composed graph (HTTP ingress: HAProxy by default, ``--proxy python`` for Serve's proxy -> ingress ->
 preprocess -> detector -> fusion) twice in one application: deployment ``nobatch``
 (``max_batch_size=1``) and deployment ``batch`` (``@serve.batch`` up to ``--batch`` requests); a
 request picks one with ``?detectors=``. Closed-loop clients on 127.0.0.1 (one keep-alive
@@ -26,6 +26,7 @@ Start it under the Ray lock (it starts its own local Ray)::
 
     flock /tmp/trustlab-ray.lock .venv/bin/python benchmarks/serve_load.py [--requests 64] [--seconds 60]
     flock /tmp/trustlab-ray.lock .venv/bin/python benchmarks/serve_load.py --device cuda   # on a GPU box
+    flock /tmp/trustlab-ray.lock .venv/bin/python benchmarks/serve_load.py --proxy python  # Serve's Python proxy
 
 Goals (issue 10; DESIGN.md's format): one-detector graph at concurrency 8 >= 0.75x in-process;
 batched >= 1.15x unbatched at concurrency 32 and >= 1.0x at 8; p50 at concurrency 1 <= 15 ms above
@@ -96,6 +97,7 @@ def settings(ckpt: str, a, device: str) -> dict:
         "request_timeout_s": 300.0,
         "inline_images": bool(a.inline_images),
         "handle_transport": a.handle_transport,
+        "proxy": a.proxy,
         "batching": {"max_forward": max(a.batch, 16)},
         "resources": {"ingress_cpus": 0.25, "preprocess_cpus": 0.25},
         "max_ongoing_requests": {"ingress": 256, "preprocess": 64, "detector": max(64, a.batch)},
@@ -205,6 +207,8 @@ def main():
                     help="1 = images decoded in the ingress (the graph's default), 0 = via the preprocess deployment")
     ap.add_argument("--handle-transport", default="grpc", choices=("grpc", "object_store"),
                     help="how the ingress calls the detectors (the graph's serve.handle_transport)")
+    ap.add_argument("--proxy", default="haproxy", choices=("haproxy", "python"),
+                    help="HTTP ingress (the graph's serve.proxy): HAProxy, or Serve's Python proxy")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment variable for every Ray process (set before Ray starts; repeatable)")
     a = ap.parse_args()
@@ -246,6 +250,9 @@ def main():
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from conftest import free_port  # noqa: E402
 
+    from trustlab.serve.graph import apply_proxy_env
+
+    apply_proxy_env(s)  # before Ray starts: the cluster's processes inherit it
     ncpu = os.cpu_count()
     ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False)
     port = free_port()
@@ -314,7 +321,7 @@ def main():
         "detector_threads": a.detector_threads, "backbone": a.backbone, "size": a.size,
         "batch": a.batch, "batch_wait_s": a.batch_wait, "requests_per_point": a.requests,
         "overhead_latency_ms_c1": overhead_latency, "overhead_in_graph_ms_c1": overhead_hops, "overhead_cpu_ms_per_request": overhead_cpu,
-        "inprocess_best_batch": best_bs, "inline_images": a.inline_images, "handle_transport": a.handle_transport, "env": a.env, "loadavg_before": load_before, "loadavg_after": load_after})
+        "inprocess_best_batch": best_bs, "inline_images": a.inline_images, "handle_transport": a.handle_transport, "proxy": a.proxy, "env": a.env, "loadavg_before": load_before, "loadavg_after": load_after})
 
 
 if __name__ == "__main__":

