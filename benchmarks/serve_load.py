@@ -26,7 +26,7 @@ Start it under the Ray lock (it starts its own local Ray)::
 
     flock /tmp/trustlab-ray.lock .venv/bin/python benchmarks/serve_load.py [--requests 64] [--seconds 60]
     flock /tmp/trustlab-ray.lock .venv/bin/python benchmarks/serve_load.py --device cuda   # on a GPU box
-    flock /tmp/trustlab-ray.lock .venv/bin/python benchmarks/serve_load.py --proxy python  # Serve's Python proxy
+    flock /tmp/trustlab-ray.lock .venv/bin/python benchmarks/serve_load.py --proxy python --throughput-optimized 0  # Serve's defaults
 
 Goals (issue 10; DESIGN.md's format): one-detector graph at concurrency 8 >= 0.75x in-process;
 batched >= 1.15x unbatched at concurrency 32 and >= 1.0x at 8; p50 at concurrency 1 <= 15 ms above
@@ -98,6 +98,7 @@ def settings(ckpt: str, a, device: str) -> dict:
         "inline_images": bool(a.inline_images),
         "handle_transport": a.handle_transport,
         "proxy": a.proxy,
+        "throughput_optimized": bool(a.throughput_optimized),
         "batching": {"max_forward": max(a.batch, 16)},
         "resources": {"ingress_cpus": 0.25, "preprocess_cpus": 0.25},
         "max_ongoing_requests": {"ingress": 256, "preprocess": 64, "detector": max(64, a.batch)},
@@ -209,6 +210,8 @@ def main():
                     help="how the ingress calls the detectors (the graph's serve.handle_transport)")
     ap.add_argument("--proxy", default="haproxy", choices=("haproxy", "python"),
                     help="HTTP ingress (the graph's serve.proxy): HAProxy, or Serve's Python proxy")
+    ap.add_argument("--throughput-optimized", type=int, default=1, choices=(0, 1),
+                    help="the graph's serve.throughput_optimized (RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the cluster)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment variable for every Ray process (set before Ray starts; repeatable)")
     a = ap.parse_args()
@@ -250,9 +253,9 @@ def main():
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from conftest import free_port  # noqa: E402
 
-    from trustlab.serve.graph import apply_proxy_env
+    from trustlab.serve.graph import apply_cluster_env
 
-    apply_proxy_env(s)  # before Ray starts: the cluster's processes inherit it
+    apply_cluster_env(s)  # before Ray starts: the cluster's processes inherit it
     ncpu = os.cpu_count()
     ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False)
     port = free_port()
@@ -321,7 +324,7 @@ def main():
         "detector_threads": a.detector_threads, "backbone": a.backbone, "size": a.size,
         "batch": a.batch, "batch_wait_s": a.batch_wait, "requests_per_point": a.requests,
         "overhead_latency_ms_c1": overhead_latency, "overhead_in_graph_ms_c1": overhead_hops, "overhead_cpu_ms_per_request": overhead_cpu,
-        "inprocess_best_batch": best_bs, "inline_images": a.inline_images, "handle_transport": a.handle_transport, "proxy": a.proxy, "env": a.env, "loadavg_before": load_before, "loadavg_after": load_after})
+        "inprocess_best_batch": best_bs, "inline_images": a.inline_images, "handle_transport": a.handle_transport, "proxy": a.proxy, "throughput_optimized": a.throughput_optimized, "env": a.env, "loadavg_before": load_before, "loadavg_after": load_after})
 
 
 if __name__ == "__main__":

@@ -20,9 +20,12 @@ BIN = os.path.dirname(sys.executable)
 # machine's routable address; this switch makes it use the loopback address).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# the Serve graph's default ingress (serve.proxy: haproxy) needs this in every Ray process from the
-# start: the session's cluster gets it, so the HTTP tests go through the default path
-os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+# the Serve graph's defaults (serve.proxy: haproxy, serve.throughput_optimized: true) need these in
+# every Ray process from the start: the session's cluster gets them, so the HTTP tests go through the
+# default path (tests/test_serve_graph.py checks they equal trustlab.serve.graph.cluster_env)
+SERVE_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+for _k, _v in SERVE_CLUSTER_ENV.items():
+    os.environ.setdefault(_k, _v)
 # slow worker starts on a busy 2-core machine must not trigger Train's retry-with-a-new-group loop
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 

@@ -118,6 +118,7 @@ def test_graph_yaml_holds_every_default_with_a_comment():
     ({"detectors": ["a"], "checkpoint_root": "/m", "fusion": {"method": "logistic"}}, "stacker"),
     ({"detectors": ["a"], "checkpoint_root": "/m", "fusion": {"method": "weighted", "weights": {"b": 1}}}, "unknown detectors"),
     ({"detectors": ["a"], "checkpoint_root": "/m", "proxy": "nginx"}, "serve.proxy"),
+    ({"detectors": ["a"], "checkpoint_root": "/m", "throughput_optimized": "yes"}, "throughput_optimized"),
     ({"detectors": ["a"], "checkpoint_root": "/m", "video": {"scale_factor": 1.0}}, "scale_factor"),
 ])
 def test_graph_settings_reject_bad_args(args, msg):
@@ -198,7 +199,9 @@ def test_rayservice_manifest_matches_crd_embeds_a_valid_serve_config_and_is_curr
     for p in pods:  # KubeRay's serve service targets the container port named "serve"
         assert {"containerPort": 8000, "name": "serve"} in p["spec"]["containers"][0]["ports"]
         # serve.proxy (haproxy by default) is an environment every Ray container starts with
-        assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in p["spec"]["containers"][0]["env"]
+        env = p["spec"]["containers"][0]["env"]
+        assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in env
+        assert {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"} in env
     # regenerating with the command in the header gives the committed file
     argv = _header_argv(RAYSERVICE)
     out = tmp_path / "rs.yaml"
@@ -213,18 +216,25 @@ def test_rayservice_manifest_matches_crd_embeds_a_valid_serve_config_and_is_curr
     assert any("serveConfigv2" in e for e in cs.kuberay_errors(bad, CRD_DIR))
 
 
-def test_proxy_env_goes_into_an_embedded_cluster_and_a_mismatch_with_a_running_one_is_reported(monkeypatch, capsys):
+def test_cluster_env_goes_into_an_embedded_cluster_and_a_mismatch_with_a_running_one_is_reported(monkeypatch,
+                                                                                                   capsys):
     import ray
 
+    from conftest import SERVE_CLUSTER_ENV
     from trustlab.serve import graph as g
 
+    assert g.cluster_env(g.DEFAULTS) == SERVE_CLUSTER_ENV  # the test cluster runs the defaults
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
-    assert g.apply_proxy_env({"proxy": "haproxy"}) and os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
-    assert g.apply_proxy_env({"proxy": "python"}) and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+    for k in g.CLUSTER_ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    assert g.apply_cluster_env({"proxy": "haproxy"})
+    assert {k: os.environ.get(k) for k in g.CLUSTER_ENV_KEYS} == SERVE_CLUSTER_ENV
+    assert g.apply_cluster_env({"proxy": "python", "throughput_optimized": False})
+    assert not any(k in os.environ for k in g.CLUSTER_ENV_KEYS)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)  # joined: nothing changes, a mismatch is reported
-    assert not g.apply_proxy_env({"proxy": "haproxy"}) and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+    assert not g.apply_cluster_env({"proxy": "haproxy", "throughput_optimized": False})
+    assert not any(k in os.environ for k in g.CLUSTER_ENV_KEYS)
     assert "warning: serve.proxy=haproxy" in capsys.readouterr().out
 
 

@@ -244,10 +244,10 @@ def rayservice_manifest(settings: dict, name: str = "trustlab-serve") -> dict:
     GPU group (detectors with num_gpus > 0)."""
     import ray
 
-    from trustlab.serve.graph import proxy_env
+    from trustlab.serve.graph import cluster_env
 
     sc = serve_config(settings, host="0.0.0.0", port=SERVE_PORT)
-    env = proxy_env(settings)  # serve.proxy: every Ray container starts with it
+    env = cluster_env(settings)  # serve.proxy / throughput_optimized: every Ray container starts with it
     gpus = sum(float(d["num_gpus"]) * (d["num_replicas"] if isinstance(d["num_replicas"], int) else 1)
                for d in settings["detectors"])
     workers = [{

@@ -88,6 +88,7 @@ DEFAULTS: dict = {
     "handle_transport": "grpc",
     "access_log": False,
     "proxy": "haproxy",
+    "throughput_optimized": True,
     "video": {"frames": 16, "clip_len": 8, "stride": 1, "face_size": 224, "face_scale": 1.3, "smooth": 5,
               "detect_width": 640, "scale_factor": 1.1, "min_neighbors": 5, "relaxed_neighbors": 3,
               "frame_side": 512},
@@ -241,6 +242,8 @@ def settings_from_args(args: dict | None) -> dict:
                                                 allow_zero=True)
     if not isinstance(s["env"], dict):
         raise GraphConfigError("serve.env must be a mapping of environment variables")
+    if not isinstance(s["throughput_optimized"], bool):
+        raise GraphConfigError(f"serve.throughput_optimized must be true or false, got {s['throughput_optimized']!r}")
     if s["proxy"] not in PROXY_ENV:
         raise GraphConfigError(f"serve.proxy must be one of {sorted(PROXY_ENV)}, got {s['proxy']!r}")
     s["env"] = {str(k): str(v) for k, v in s["env"].items()}
@@ -1142,39 +1145,49 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# environment every Ray process of the cluster needs for each ``serve.proxy`` (read by Serve's
-# controller, proxies and replicas when they start, so it is set before Ray starts: by ``start``
-# for an embedded cluster, on ``ray start`` / in the pod spec for a real one)
+# environment every Ray process of the cluster needs for ``serve.proxy`` and
+# ``serve.throughput_optimized`` (read by Serve's controller, proxies and replicas when they start,
+# so it is set before Ray starts: by ``start`` for an embedded cluster, on ``ray start`` / in the
+# pod spec for a real one)
 PROXY_ENV = {
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},  # HAProxy (C) on the HTTP port, forwarding to the ingress replicas' own HTTP servers
     "python": {},  # Serve's Python (uvicorn) proxy actor, then a handle call to the ingress
 }
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}  # Serve's bundle: gRPC handles, user code on the replica loop, buffered request logs, GC frozen at start
+CLUSTER_ENV_KEYS = sorted({k for e in [*PROXY_ENV.values(), THROUGHPUT_ENV] for k in e})
 
 
-def proxy_env(s: dict) -> dict:
-    """Environment variables the cluster needs for the graph's ``serve.proxy``."""
-    return dict(PROXY_ENV[s.get("proxy", "haproxy")])
+def cluster_env(s: dict) -> dict:
+    """Environment variables the cluster needs for the graph's ``serve.proxy`` and
+    ``serve.throughput_optimized``."""
+    env = dict(PROXY_ENV[s.get("proxy", "haproxy")])
+    if s.get("throughput_optimized", True):
+        env.update(THROUGHPUT_ENV)
+    return env
 
 
-def apply_proxy_env(s: dict) -> bool:
-    """Before this process starts Ray: put ``proxy_env`` into its environment (an embedded
-    cluster inherits it). When joining a running cluster, nothing can change how its Serve was
-    started; returns whether this process's environment agrees with ``serve.proxy``."""
+def apply_cluster_env(s: dict) -> bool:
+    """Before this process starts Ray: put ``cluster_env`` into its environment (an embedded
+    cluster inherits it; the other keys of ``CLUSTER_ENV_KEYS`` are removed). When joining a
+    running cluster nothing can change how its Serve was started: returns whether this process's
+    environment agrees (and prints a warning when it does not)."""
     import ray
 
-    env = proxy_env(s)
+    env = cluster_env(s)
     joining = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
     if not joining:
+        for k in CLUSTER_ENV_KEYS:
+            os.environ.pop(k, None)
         os.environ.update(env)
-        if not env:
-            os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
         return True
-    agrees = (os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1") == bool(env)
-    if not agrees:
-        print(f"[trustlab] warning: serve.proxy={s.get('proxy')} but this cluster's processes were started "
-              f"{'without' if env else 'with'} RAY_SERVE_ENABLE_HA_PROXY=1; Serve uses what the cluster "
-              f"was started with (set it on `ray start`, or in the pod spec)", flush=True)
-    return agrees
+    have = {k: os.environ[k] for k in CLUSTER_ENV_KEYS if os.environ.get(k) == "1"}
+    if have != env:
+        want = " ".join(f"{k}=1" for k in env) or "none of " + ", ".join(CLUSTER_ENV_KEYS)
+        print(f"[trustlab] warning: serve.proxy={s.get('proxy')} serve.throughput_optimized="
+              f"{s.get('throughput_optimized', True)} need {want} in every Ray process, but this one has "
+              f"{have or 'none'}; Serve runs as the cluster was started (set them on `ray start`, or in "
+              f"the pod spec)", flush=True)
+    return have == env
 
 
 def http_options(s: dict) -> dict:
@@ -1189,7 +1202,7 @@ def start(cfg: dict, blocking: bool = False):
 
     s = absolutize_local_paths(settings_from_args(cfg))
     if not (cfg.get("ray") or {}).get("address"):
-        apply_proxy_env(s)
+        apply_cluster_env(s)
     init_ray(cfg if "ray" in cfg else None)
     serve.start(http_options=http_options(s), logging_config=logging_config(s))
     handle = serve.run(build_app(s), name=s["app_name"], route_prefix=s["route_prefix"], blocking=False)
