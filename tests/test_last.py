@@ -226,3 +226,26 @@ def test_per_domain_statistics_adapt_the_head_to_a_shifted_target(monkeypatch):
     (acc_a, auc_a), (acc_s, auc_s) = results[True], results[False]
     assert acc_a > 0.8 and acc_s < 0.65, results
     assert auc_a > auc_s + 0.05, results
+
+
+def test_served_clips_use_the_source_statistics_or_the_configured_domain():
+    method = get_method("last")
+    frames = [np.full((40, 40, 3), 30 * i, np.uint8) for i in range(6)]
+    got = method.serve_inputs(frames, cfg_of())
+    assert got["x"].shape == (1, 4, 3, 32, 32) and got["domain"].tolist() == [0]  # null: the source
+    got = method.serve_inputs(frames, cfg_of("method.adapt.serve_domain=synth_color"))
+    assert got["domain"].tolist() == [2]  # the protocol's second target
+    with pytest.raises(ValueError, match="neither the source"):
+        method.serve_inputs(frames, cfg_of("method.adapt.serve_domain=nope"))
+    # the domain picks the standardisation: same clip, different scores once the domains differ
+    torch.manual_seed(0)
+    net = method.build_model(cfg_of(), "adapt").eval()
+    f = torch.randn(50, net.head[1].in_features)
+    net.head[0].update(torch.cat([f, 3 * f + 2]), torch.tensor([0] * 50 + [2] * 50))
+    x = got["x"]
+    s0 = method.predict(net, {"x": x, "domain": torch.tensor([0])}, cfg_of())
+    s2 = method.predict(net, {"x": x, "domain": torch.tensor([2])}, cfg_of())
+    assert not torch.allclose(s0, s2)
+    # with domain_stats off every clip is standardised as the source
+    off = cfg_of("method.adapt.domain_stats=false")
+    assert torch.equal(method.predict(net, {"x": x, "domain": torch.tensor([2])}, off), s0)
