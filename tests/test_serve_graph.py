@@ -216,6 +216,14 @@ def test_rayservice_manifest_matches_crd_embeds_a_valid_serve_config_and_is_curr
     assert any("serveConfigv2" in e for e in cs.kuberay_errors(bad, CRD_DIR))
 
 
+def test_served_face_detection_knobs_default_to_the_training_data_planes():
+    from trustlab.platform.data.video import DEFAULTS as DATA
+    from trustlab.serve.graph import DEFAULTS
+
+    for k in ("detect_width", "scale_factor", "min_neighbors", "relaxed_neighbors", "face_scale", "smooth"):
+        assert DEFAULTS["video"][k] == DATA[k], k
+
+
 def test_cluster_env_goes_into_an_embedded_cluster_and_a_mismatch_with_a_running_one_is_reported(monkeypatch,
                                                                                                    capsys):
     import ray
@@ -236,6 +244,9 @@ def test_cluster_env_goes_into_an_embedded_cluster_and_a_mismatch_with_a_running
     assert not g.apply_cluster_env({"proxy": "haproxy", "throughput_optimized": False})
     assert not any(k in os.environ for k in g.CLUSTER_ENV_KEYS)
     assert "warning: serve.proxy=haproxy" in capsys.readouterr().out
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # an address in the config also means joining
+    assert not g.apply_cluster_env({"proxy": "haproxy"}, address="127.0.0.1:6379")
+    assert not any(k in os.environ for k in g.CLUSTER_ENV_KEYS)
 
 
 def test_serve_build_import_path(tmp_path):

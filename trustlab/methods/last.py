@@ -269,7 +269,7 @@ def domain_of(cfg: dict, name) -> int:
     if name == source:
         return 0
     if name not in targets:
-        raise ValueError(f"adapt.serve_domain={name!r} is neither the source {source!r} nor a target {targets}")
+        raise ValueError(f"set {name!r} is neither the source {source!r} nor a target {targets} of the protocol")
     return 1 + targets.index(name)
 
 
@@ -301,9 +301,8 @@ class LAST(MethodBase):
         train = V.with_domain(data["train"], 0)
         names = sorted(k for k in data if k.startswith("unlabelled:"))
         cap = cfg["method"]["adapt"].get("max_target_clips")
-        _, targets = V.protocol(cfg)
         for i, k in enumerate(names):
-            tgt = V.mask_labels(data[k], 1 + targets.index(k.split(":", 1)[1]))  # domain i = i-th target
+            tgt = V.mask_labels(data[k], domain_of(cfg, k.split(":", 1)[1]))
             if cap:  # a seeded random subset of each target's clips (same rows whatever the labels)
                 tgt = V.subsample(tgt, int(cap) // len(names), int(cfg["seed"]) + i)
             train = V.concat_splits(train, tgt)
@@ -337,7 +336,7 @@ class LAST(MethodBase):
 
     def serve_inputs(self, images: list, cfg: dict) -> dict:
         x = V.frames_to_clip(images, cfg)
-        d = domain_of(cfg, cfg["method"]["adapt"].get("serve_domain"))
+        d = domain_of(cfg, cfg["method"]["adapt"].get("serve_domain"))  # adapt.serve_domain
         return {"x": x, "domain": torch.full((len(x),), d, dtype=torch.long)}
 
 

@@ -1166,15 +1166,16 @@ def cluster_env(s: dict) -> dict:
     return env
 
 
-def apply_cluster_env(s: dict) -> bool:
+def apply_cluster_env(s: dict, address: str | None = None) -> bool:
     """Before this process starts Ray: put ``cluster_env`` into its environment (an embedded
     cluster inherits it; the other keys of ``CLUSTER_ENV_KEYS`` are removed). When joining a
-    running cluster nothing can change how its Serve was started: returns whether this process's
-    environment agrees (and prints a warning when it does not)."""
+    running cluster (Ray already initialised, ``address``, or ``RAY_ADDRESS``) nothing can change
+    how its Serve was started: returns whether this process's environment agrees (and prints a
+    warning when it does not)."""
     import ray
 
     env = cluster_env(s)
-    joining = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+    joining = ray.is_initialized() or bool(address) or bool(os.environ.get("RAY_ADDRESS"))
     if not joining:
         for k in CLUSTER_ENV_KEYS:
             os.environ.pop(k, None)
@@ -1201,8 +1202,7 @@ def start(cfg: dict, blocking: bool = False):
     from trustlab.platform.runtime import init_ray
 
     s = absolutize_local_paths(settings_from_args(cfg))
-    if not (cfg.get("ray") or {}).get("address"):
-        apply_cluster_env(s)
+    apply_cluster_env(s, (cfg.get("ray") or {}).get("address"))
     init_ray(cfg if "ray" in cfg else None)
     serve.start(http_options=http_options(s), logging_config=logging_config(s))
     handle = serve.run(build_app(s), name=s["app_name"], route_prefix=s["route_prefix"], blocking=False)
