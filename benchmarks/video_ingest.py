@@ -184,7 +184,7 @@ class TreeMonitor:
 # ----------------------------------------------------------------------------- files + S3
 def make_files(kind: str, n: int, work: str, synth_size: int, synth_frames: int) -> list[str]:
     if kind == "real":
-        from trustlab.platform.data.synth_video import shared_real_dir
+        from trustlab.methods.video.synth_video import shared_real_dir
 
         src = os.path.join(shared_real_dir() or "", "multiface_video.mp4")
         if not os.path.exists(src):
@@ -195,7 +195,7 @@ def make_files(kind: str, n: int, work: str, synth_size: int, synth_frames: int)
             shutil.copyfile(src, p)
             out.append(p)
         return out
-    from trustlab.platform.data.synth_video import build_synth_video_manifest
+    from trustlab.methods.video.synth_video import build_synth_video_manifest
     import pandas as pd
 
     man = build_synth_video_manifest(os.path.join(work, "synth"), seed=0, n_videos_per_class=(n + 1) // 2,

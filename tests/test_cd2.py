@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import compose
-from trustlab.methods.cd2 import Head, adaptive_alpha, dcm_loss, ddm_matching_loss, ddm_synthesize
-from trustlab.platform import fscil
+from trustlab.methods.fscil.cd2 import Head, adaptive_alpha, dcm_loss, ddm_matching_loss, ddm_synthesize
+from trustlab.methods.fscil import engine as fscil
 from trustlab.platform.registry import get_method
 
 
@@ -23,7 +23,7 @@ def _one_thread():
 
 
 def _digits_by_class():
-    from trustlab.platform.data.digits_fscil import digits_images
+    from trustlab.methods.fscil.digits import digits_images
 
     x, y = digits_images()
     return fscil.as_float(x), torch.as_tensor(y)

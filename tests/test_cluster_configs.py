@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import REPO, compose
-from trustlab.platform import cluster_schema as cs
+from tools import cluster_schema as cs
 
 SHARED = os.path.join(REPO, "..", "shared")
 CRD_DIR = os.path.join(SHARED, "schemas", "kuberay")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import compose
-from trustlab.methods import deocclusion as D
-from trustlab.platform.data import masks
-from trustlab.platform.data.synth_identities import build_identity_set, make_split
+from trustlab.methods.deocclusion import deocclusion as D
+from trustlab.methods.deocclusion import masks
+from trustlab.methods.deocclusion.synth_identities import build_identity_set, make_split
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from trustlab.platform import fscil
-from trustlab.platform.fscil import Protocol
+from trustlab.methods.fscil import engine as fscil
+from trustlab.methods.fscil.engine import Protocol
 
 SMALL = Protocol(n_base=3, n_sessions=2, ways=2, shots=2)  # 7 classes
 
@@ -53,7 +53,7 @@ def _assert_valid_sessions(df, p):
 
 
 def test_digits_splits_no_leaks_exact_shots_and_seeded():
-    from trustlab.platform.data.digits_fscil import build_digits, digits_manifest
+    from trustlab.methods.fscil.digits import build_digits, digits_manifest
 
     p = Protocol(4, 3, 2, 5)
     df = digits_manifest(p, seed=0, test_per_class=50, val_per_class=30, val_novel_per_class=20)
@@ -76,7 +76,7 @@ def test_digits_splits_no_leaks_exact_shots_and_seeded():
 
 
 def test_check_manifest_rejects_leaks_and_wrong_shot_counts():
-    from trustlab.platform.data.digits_fscil import digits_manifest
+    from trustlab.methods.fscil.digits import digits_manifest
 
     p = Protocol(4, 3, 2, 5)
     df = digits_manifest(p, 0, 50, 30)
@@ -235,7 +235,7 @@ def test_cub200_adapter_on_tiny_tree(tmp_path):
 
 
 def test_generated_set_is_cifar_layout_and_seeded(tmp_path):
-    from trustlab.platform.data.synth_classes import build_tree
+    from trustlab.methods.fscil.synth_classes import build_tree
 
     root = build_tree(str(tmp_path), 0, SMALL, train_per_class=6, test_per_class=3)
     assert build_tree(str(tmp_path), 0, SMALL, 6, 3) == root  # cached

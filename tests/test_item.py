@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import compose
-from trustlab.platform.data import captioned_scenes as cs
+from trustlab.methods.item import captioned_scenes as cs
 
 TINY = ["method.clip.overrides.embed_dim=32", "method.clip.overrides.vision_cfg.width=32",
         "method.clip.overrides.vision_cfg.layers=1", "method.clip.overrides.text_cfg.width=32",
@@ -72,7 +72,7 @@ def tiny_cfg(tmp_path, *extra):
 
 
 def test_feature_shapes(tmp_path):
-    from trustlab.methods.item import Item, feature_names, tokenize_captions
+    from trustlab.methods.item.item import Item, feature_names, tokenize_captions
 
     caps = ["a red circle, a blue square and a green triangle", "a yellow cross", "a white circle and a cyan square"]
     t = tokenize_captions(caps, tiny_cfg(tmp_path)["method"]["clip"], max_phrases=4)
@@ -96,11 +96,11 @@ def test_feature_shapes(tmp_path):
     assert img.shape == (3, 32) and patches.shape == (3, 16, 32)  # 4x4 patch grid
     assert not any(p.requires_grad for p in net.clip.parameters())  # CLIP frozen in the head stage
     with pytest.raises(ValueError):
-        tiny_cfg(tmp_path, "method.levels=global+region") and __import__("trustlab.methods.item").methods.item.parse_levels("global+region")
+        tiny_cfg(tmp_path, "method.levels=global+region") and __import__("trustlab.methods.item.item").methods.item.item.parse_levels("global+region")
 
 
 def test_loads_open_clip_weights_from_a_local_file(tmp_path):
-    from trustlab.methods.item import Item, build_clip
+    from trustlab.methods.item.item import Item, build_clip
 
     cfg = tiny_cfg(tmp_path)
     torch.manual_seed(1)
@@ -126,7 +126,7 @@ def test_loads_open_clip_weights_from_a_local_file(tmp_path):
 
 
 def test_serve_inputs_take_a_caption_or_run_the_captioner(tmp_path):
-    from trustlab.methods.item import Item
+    from trustlab.methods.item.item import Item
 
     cfg = tiny_cfg(tmp_path)
     m = Item()
@@ -149,7 +149,7 @@ def test_clip_pretraining_makes_local_mismatches_visible(tmp_path, one_thread):
     """Mechanism: before pretraining, no feature separates real pairs from pairs whose image
     contradicts one object of the caption; after a short in-process pretraining on real pairs
     only, the per-object (best patch) similarity does, on held-out pairs."""
-    from trustlab.methods.item import Item, clip_pretrain_loss, feature_names
+    from trustlab.methods.item.item import Item, clip_pretrain_loss, feature_names
     from trustlab.platform.evaluate import iter_array_batches
     from trustlab.platform.metrics import binary_metrics
 

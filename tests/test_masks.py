@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from trustlab.platform.data import masks
-from trustlab.platform.data.synth_identities import make_split
+from trustlab.methods.deocclusion import masks
+from trustlab.methods.deocclusion.synth_identities import make_split
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import ci_overrides, compose
-from trustlab.methods import _video as V
-from trustlab.methods.naco import NACONet, shuffled_order, ssl_losses
+from trustlab.methods.video import common as V
+from trustlab.methods.video.naco import NACONet, shuffled_order, ssl_losses
 from trustlab.platform import checkpoints as ck
 from trustlab.platform.registry import get_method
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import compose
-from trustlab.methods import relabel as R
-from trustlab.platform import attribution as A
+from trustlab.methods.relabel import relabel as R
+from trustlab.methods.relabel import attribution as A
 
 
 @pytest.fixture(autouse=True, scope="module")

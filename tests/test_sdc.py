@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import compose
-from trustlab.methods.sdc import Projector, fused_logits
-from trustlab.platform import fscil
+from trustlab.methods.fscil.sdc import Projector, fused_logits
+from trustlab.methods.fscil import engine as fscil
 from trustlab.platform.registry import get_method
 
 

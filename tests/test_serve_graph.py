@@ -183,7 +183,7 @@ def _header_argv(path):
 
 
 def test_rayservice_manifest_matches_crd_embeds_a_valid_serve_config_and_is_current(tmp_path):
-    from trustlab.platform import cluster_schema as cs
+    from tools import cluster_schema as cs
     from trustlab.serve import config_gen as cg
 
     (doc,) = cs.validate_kuberay_manifest(RAYSERVICE, CRD_DIR)
@@ -435,7 +435,7 @@ def _face_video(path, n_frames, side=128, fps=25):
     import cv2
     from PIL import Image
 
-    from trustlab.platform.data.synth_video import write_mp4
+    from trustlab.methods.video.synth_video import write_mp4
 
     face = np.asarray(Image.open(os.path.join(FACES, "kate_siegel.jpg")).convert("RGB"))
     face = cv2.resize(face, (side, int(side * face.shape[0] / face.shape[1])), interpolation=cv2.INTER_AREA)

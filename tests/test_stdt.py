@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import ci_overrides, compose
-from trustlab.methods import _video as V
-from trustlab.methods.stdt import STDTNet, SpatioTemporalDropout
+from trustlab.methods.video import common as V
+from trustlab.methods.video.stdt import STDTNet, SpatioTemporalDropout
 from trustlab.platform import checkpoints as ck
-from trustlab.platform import robustness
+from trustlab.methods.video import robustness
 from trustlab.platform.metrics import detection_metrics
 from trustlab.platform.registry import get_method
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from trustlab.platform.data import faces as F
-from trustlab.platform.data.synth_video import build_synth_video_manifest, render_video, shared_real_dir
+from trustlab.methods.video.synth_video import build_synth_video_manifest, render_video, shared_real_dir
 from trustlab.platform.data.video import BadFileReport, decode_sampled, iter_clips, sample_indices
 
 SMALL = dict(n_videos_per_class=8, manipulations=["blend", "warp", "color", "texture"], n_frames=24, frame_size=64)
@@ -165,7 +165,7 @@ def test_synth_set_layout_determinism_and_planted_signal(synth, tmp_path):
     h = lambda p: hashlib.sha1(open(p, "rb").read()).hexdigest()  # noqa: E731
     assert [h(p) for p in df["uri"]] == [h(p) for p in again["uri"]]
     # the fake differs from the real rendering of the same motion inside the face, not around it
-    from trustlab.platform.data.synth_video import face_patches
+    from trustlab.methods.video.synth_video import face_patches
 
     (_, tgt), (_, don) = face_patches()[:2]
     real = render_video(np.random.default_rng(7), tgt, None, "none", 12, 64).astype(float)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import compose
-from trustlab.methods.whitening import (GroupWhitening, WhiteningNet, correlation, covariance, decorrelation_loss,
+from trustlab.methods.whitening.whitening import (GroupWhitening, WhiteningNet, correlation, covariance, decorrelation_loss,
                                         mean_abs_offdiag, whitening_matrix)
 
 
@@ -74,7 +74,7 @@ def test_decorrelation_loss():
 
 
 def test_face_manip_data_is_deterministic_and_marks_regions(tmp_path):
-    from trustlab.platform.data import face_manip
+    from trustlab.methods.whitening import face_manip
 
     a = face_manip.build(str(tmp_path), 0, 32, 8, 4, 4)
     b = face_manip.build(str(tmp_path / "again"), 0, 32, 8, 4, 4)
@@ -93,7 +93,7 @@ def test_whitened_detector_learns_and_decorrelates(tmp_path, one_thread):
     set so that a 1-minute budget suffices), its whitened test features have <= 0.1 x the mean
     absolute off-diagonal covariance of the unwhitened ones, and the blend axis points at blended
     regions far more often than chance."""
-    from trustlab.methods.whitening import Whitening, calibrate, concept_pointing
+    from trustlab.methods.whitening.whitening import Whitening, calibrate, concept_pointing
     from trustlab.platform.evaluate import iter_array_batches
     from trustlab.platform.metrics import binary_metrics
 

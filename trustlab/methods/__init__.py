@@ -1,8 +1,12 @@
-"""Method modules. Importing this package registers every method with the platform registry.
-A new method is one module here plus one YAML in experiments/conf/method/."""
+"""Method families. ``import_all()`` (called by the registry the first time a method is asked
+for) imports every family package, whose ``__init__`` imports and so registers its methods.
+Importing this package alone imports no method: a script may import one family (the GPU benchmark
+imports ``trustlab.methods.video`` on a machine without Ray)."""
 import importlib
 import pkgutil
 
-for _m in pkgutil.iter_modules(__path__):
-    if not _m.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_m.name}")
+
+def import_all() -> None:
+    for m in pkgutil.iter_modules(__path__):
+        if not m.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{m.name}")

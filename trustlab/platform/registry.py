@@ -1,7 +1,8 @@
 """The method registry: each method module registers itself with ``@register_method``.
 
-``list_methods()`` imports ``trustlab.methods`` (whose ``__init__`` imports every method module)
-so that the registry is complete before anyone asks; the platform itself never names a method.
+``list_methods()`` and ``get_method()`` first import every method family
+(``trustlab.methods.import_all``) so that the registry is complete before anyone asks; the
+platform itself never names a method.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def register_method(name: str) -> Callable:
 def _load_all() -> None:
     global _LOADED
     if not _LOADED:
-        importlib.import_module("trustlab.methods")
+        importlib.import_module("trustlab.methods").import_all()
         _LOADED = True
 
 

@@ -350,20 +350,10 @@ def generate(argv: list[str]) -> dict:
     if opts.get("rayservice"):
         name = opts.get("name", "trustlab-serve")
         doc = rayservice_manifest(s, name)
-        _check_manifest(doc)
         text = header(argv, overrides, "RayService", s, name) + dump(doc)
         out["rayservice"] = text
         _write(opts["rayservice"], text)
     return out
-
-
-def _check_manifest(doc: dict) -> None:
-    """Validate against the pinned KubeRay CRD when it is there (../shared/schemas/kuberay)."""
-    from trustlab.platform import cluster_schema
-
-    crd_dir = cluster_schema.default_crd_dir()
-    if os.path.isdir(crd_dir):
-        cluster_schema.validate_kuberay_manifest(doc, crd_dir)
 
 
 def _write(path: str, text: str) -> None:

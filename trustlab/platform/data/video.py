@@ -475,6 +475,11 @@ def _key(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- manifests
+#: Generated datasets by ``data.name``: ``fn(cfg, seed) -> manifest path``. A method family
+#: registers its own generator (the data plane names none), e.g. the video family's ``synth_video``.
+GENERATORS: dict = {}
+
+
 def resolve_manifest(cfg: dict, seed: int = 0, s3_endpoint: str | None = None) -> tuple[pd.DataFrame, str | None, object]:
     """The manifest of a data config as a DataFrame, the S3 endpoint to read it with, and the
     local S3 server started for ``store=s3`` (or None; keep it alive while streaming)."""
@@ -484,14 +489,9 @@ def resolve_manifest(cfg: dict, seed: int = 0, s3_endpoint: str | None = None) -
     server = None
     if cfg.get("manifest"):
         return manifests.read_manifest(cfg["manifest"], endpoint), endpoint, None
-    name = cfg.get("name", "synth_video")
-    if name == "synth_video":
-        from trustlab.platform.data.synth_video import build_synth_video_manifest
-
-        s = cfg["synth"]
-        man = build_synth_video_manifest(cfg["root"], seed=int(seed), n_videos_per_class=int(s["n_videos_per_class"]),
-                                         manipulations=list(s["manipulations"]), n_frames=int(s["n_frames"]),
-                                         size=int(s["frame_size"]), strength=float(s.get("strength", 1.0)))
+    name = cfg.get("name")
+    if name in GENERATORS:
+        man = GENERATORS[name](cfg, int(seed))
         if cfg.get("store", "local") == "s3":
             from trustlab.platform.data import s3local
 
@@ -506,7 +506,7 @@ def resolve_manifest(cfg: dict, seed: int = 0, s3_endpoint: str | None = None) -
             raise ValueError(f"data.root must name the {name} dataset folder (local or s3://)")
         df = manifests.ADAPTERS[name](cfg["root"], endpoint=endpoint, **(cfg.get("adapter") or {}))
         return df, endpoint, None
-    raise ValueError(f"unknown video data name {name!r}; choose synth_video, {', '.join(manifests.ADAPTERS)} "
+    raise ValueError(f"unknown video data name {name!r}; choose {', '.join([*GENERATORS, *manifests.ADAPTERS])} "
                      "or set data.manifest")
 
 

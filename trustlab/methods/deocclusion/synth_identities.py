@@ -36,7 +36,7 @@ gradient), a colour cast, a random background colour, sensor noise and occasiona
 Images are drawn with OpenCV at 4x the output side and area-downsampled (anti-aliasing). Every
 image comes with 8 landmarks in output pixel coordinates, in the order of ``LANDMARKS``:
 eyes, nose tip, mouth corners, chin, and the jaw's edge at mouth height -- the face geometry
-that ``trustlab.platform.data.masks`` places masks by.
+that ``trustlab.methods.deocclusion.masks`` places masks by.
 
 ``build_identity_set`` caches the whole set as one ``.npz`` under ``root``, keyed by its
 parameters, so every worker and rerun sees the same arrays.
@@ -50,7 +50,7 @@ import os
 
 import numpy as np
 
-from trustlab.platform.data.masks import LANDMARKS  # noqa: E402  (the landmark order masks expect)
+from trustlab.methods.deocclusion.masks import LANDMARKS  # noqa: E402  (the landmark order masks expect)
 
 HAIR_COLOURS = np.array([[25, 20, 18], [70, 45, 30], [120, 85, 55], [205, 175, 110], [150, 60, 30], [150, 150, 150]],
                         np.float32)

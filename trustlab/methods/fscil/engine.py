@@ -26,7 +26,7 @@ session; ``summarize_sessions`` adds the average and the performance drop PD = f
 ``finetune_baseline`` (all weights fine-tuned on each session's shots) and
 ``prototype_baseline`` (frozen encoder, nearest class-mean by cosine) run from a method's base
 model. ``session_table`` / ``session_plot`` write the per-session CSV and the accuracy-per-session
-PNG; ``python -m trustlab.platform.fscil plot RUN_DIR... -o out.png`` draws several runs (every
+PNG; ``python -m trustlab.methods.fscil.engine plot RUN_DIR... -o out.png`` draws several runs (every
 method and baseline) in one plot.
 
 ``FSCILMethod`` drives a method through the platform with two Ray Train stages: ``base``
@@ -679,7 +679,7 @@ class FSCILMethod(MethodBase):
         if b == "digits":
             return None
         if b == "synth":
-            from trustlab.platform.data.synth_classes import build_tree
+            from trustlab.methods.fscil.synth_classes import build_tree
 
             root = build_tree(d["root"], seed, p, int(d["train_per_class"]), int(d["test_per_class"]))
             return cifar100_manifest(root, p=p, val_per_class=int(d["val_per_class"]), seed=seed, source="synth")
@@ -690,7 +690,7 @@ class FSCILMethod(MethodBase):
         d = cfg["method"]["data"]
         ch, size = self.input_shape(cfg)
         if cfg["data"]["name"] == "auto" and d["benchmark"] == "digits":
-            from trustlab.platform.data.digits_fscil import build_digits
+            from trustlab.methods.fscil.digits import build_digits
 
             return build_digits(self.protocol(cfg), int(cfg["seed"]), int(d["test_per_class"]),
                                 int(d["val_per_class"]), int(d.get("val_novel_per_class", 0)), d.get("class_order"))
@@ -860,7 +860,7 @@ def fit_inprocess(method: FSCILMethod, cfg: dict, data: dict, log=None):
 def _main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m trustlab.platform.fscil")
+    ap = argparse.ArgumentParser(prog="python -m trustlab.methods.fscil.engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
     pl = sub.add_parser("plot", help="one accuracy-per-session plot of several FSCIL runs")
     pl.add_argument("runs", nargs="+", help="run folders (or metrics.json files)")

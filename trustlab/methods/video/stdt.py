@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trustlab.methods import _video as V
+from trustlab.methods.video import common as V
 from trustlab.platform.method import MethodBase
 from trustlab.platform.registry import register_method
 

@@ -323,3 +323,20 @@ def build_synth_video_manifest(root: str, seed: int = 0, n_videos_per_class: int
     except OSError:  # another process finished the same set first
         shutil.rmtree(tmpd, ignore_errors=True)
     return man
+
+
+def manifest_from_config(cfg: dict, seed: int) -> str:
+    """``data.name=synth_video`` for the video data plane: the set that ``cfg["synth"]`` describes."""
+    s = cfg["synth"]
+    return build_synth_video_manifest(cfg["root"], seed=int(seed), n_videos_per_class=int(s["n_videos_per_class"]),
+                                      manipulations=list(s["manipulations"]), n_frames=int(s["n_frames"]),
+                                      size=int(s["frame_size"]), strength=float(s.get("strength", 1.0)))
+
+
+def _register() -> None:
+    from trustlab.platform.data import video
+
+    video.GENERATORS.setdefault("synth_video", manifest_from_config)
+
+
+_register()

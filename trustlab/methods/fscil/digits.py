@@ -2,7 +2,7 @@
 Digits, shipped inside scikit-learn) as the default FSCIL benchmark.
 
 Default protocol (method YAMLs): 4 base classes + 3 sessions of 2-way 5-shot. Splits are seeded
-(``trustlab.platform.fscil.seeded_manifest``): a seeded class order, then per class a seeded
+(``trustlab.methods.fscil.engine.seeded_manifest``): a seeded class order, then per class a seeded
 test set, a validation set (base classes: selects the base model; new classes: monitoring and
 Tune only, never trained on) and the training pool (base: all of it; new: exactly ``shots``).
 Pixel values 0..16 are scaled to uint8 0..255; images are 1 x 8 x 8.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trustlab.platform.fscil import Protocol, arrays_from_manifest, seeded_manifest
+from trustlab.methods.fscil.engine import Protocol, arrays_from_manifest, seeded_manifest
 
 
 def digits_images() -> tuple[np.ndarray, np.ndarray]:

@@ -205,7 +205,7 @@ def backend(cfg: dict) -> str:
     if want != "auto":
         raise ValueError(f"method.data.backend must be auto, stream, dataplane or memory; got {want!r}")
     try:
-        from trustlab.platform.data import synth_video, video  # noqa: F401
+        from trustlab.methods.video import synth_video  # noqa: F401  (needs the data plane: decord, pyarrow)
     except Exception:
         if external_source(cfg):
             raise
@@ -595,7 +595,7 @@ def run_ablations(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
 def video_report(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
     """The ``after_train`` entries shared by the video methods: protocol, cross-domain metrics,
     robustness sweep (table + plot), ablation runs; also prints and writes ``video_summary.txt``."""
-    from trustlab.platform import robustness
+    from trustlab.methods.video import robustness
 
     source, targets = protocol(cfg)
     model.eval()

@@ -45,7 +45,7 @@ What this module does (our choices are marked):
   as old classes outnumber new ones. Both DCM terms are exactly zero when the two heads agree.
 
 Ray Train: stage ``base`` is the generic loop; stage ``incremental`` is
-``trustlab.platform.fscil.incremental_worker`` (one report per session).
+``trustlab.methods.fscil.engine.incremental_worker`` (one report per session).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trustlab.platform.fscil import (FSCILMethod, SmallConvNet, as_float, broadcast_module, encode,
+from trustlab.methods.fscil.engine import (FSCILMethod, SmallConvNet, as_float, broadcast_module, encode,
                                      imprint_rows, random_shift, session_split)
 from trustlab.platform.registry import register_method
 

@@ -34,7 +34,7 @@ Our choices (nothing else of the paper is public; METHODS.md):
   ``{"image", "caption"}`` dict per item, or ``method.serve_caption`` in the config for every
   image). Without one, the configured captioner describes the image itself.
 
-Default data: ``trustlab.platform.data.captioned_scenes`` (shapes with colours; fakes contradict
+Default data: ``trustlab.methods.item.captioned_scenes`` (shapes with colours; fakes contradict
 their caption in one object's colour or shape: barely visible globally, clear locally).
 ``after_train`` adds, on the same frozen CLIP, a global-only and a hierarchical head trained on
 the same features (``metrics.json["ablation"]``, with AUC per kind of local mismatch), a feature
@@ -110,7 +110,7 @@ def tokenizer(ccfg: dict):
 def tokenize_captions(captions, ccfg: dict, max_phrases: int) -> dict:
     """Captions -> ``tokens`` [N, L], ``phrase_tokens`` [N, P, L] int64, ``phrase_mask`` [N, P]
     bool (P = ``max_phrases``). A caption without any phrase uses itself as its one phrase."""
-    from trustlab.platform.data.captioned_scenes import extract_phrases
+    from trustlab.methods.item.captioned_scenes import extract_phrases
 
     tok = tokenizer(ccfg)
     L = context_length(ccfg)
@@ -314,7 +314,7 @@ class Item(MethodBase):
         return out
 
     def build_data(self, cfg: dict) -> dict:
-        from trustlab.platform.data import captioned_scenes as cs
+        from trustlab.methods.item import captioned_scenes as cs
 
         m, d = cfg["method"], cfg["method"]["data"]
         captioner = cs.get_captioner(m["captioner"])
@@ -373,7 +373,7 @@ class Item(MethodBase):
         ``method.serve_caption``, then the configured captioner supply the caption."""
         from PIL import Image
 
-        from trustlab.platform.data import captioned_scenes as cs
+        from trustlab.methods.item import captioned_scenes as cs
 
         m = cfg["method"]
         ims, caps = [], []

@@ -32,7 +32,7 @@ Stages: ``blackbox`` (generic loop: the classifier to explain — skipped when
 workers, ``val_score = insertion AUC - deletion AUC``, which Tune maximises).
 
 ``evaluate`` explains ``eval.n_images`` test images with re-label distillation and with the
-baselines of ``trustlab.platform.attribution`` (gradient saliency, gradient x input, occlusion,
+baselines of ``trustlab.methods.relabel.attribution`` (gradient saliency, gradient x input, occlusion,
 LIME-style, random) on the same images, and reports deletion / insertion AUCs, the black box's
 test accuracy, the VAE's reconstruction error, ablations (pixel-space perturbations instead of
 the VAE latent; hard labels only; ranking by raw weights), ``heatmaps.png``, ``deletion.png``
@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trustlab.platform import attribution as A
+from trustlab.methods.relabel import attribution as A
 from trustlab.platform.method import MethodBase
 from trustlab.platform.registry import register_method
 

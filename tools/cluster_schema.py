@@ -16,7 +16,7 @@
 
 Command line (the CRDs are the ones the project pins in ``../shared/schemas/kuberay``)::
 
-    python -m trustlab.platform.cluster_schema cluster/aws.yaml cluster/kuberay/rayjob.yaml
+    python -m tools.cluster_schema cluster/aws.yaml cluster/kuberay/rayjob.yaml
 
 ``jsonschema`` is a test dependency; it is imported only when a check runs.
 """
@@ -224,7 +224,7 @@ def validate_kuberay_manifest(doc_or_path, crd_dir: str) -> list[dict]:
 
 def default_crd_dir() -> str:
     """``../shared/schemas/kuberay`` beside the repository (CI keeps a read-only copy there)."""
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return os.path.join(repo, "..", "shared", "schemas", "kuberay")
 
 

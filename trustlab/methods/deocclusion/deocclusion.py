@@ -46,7 +46,7 @@ Stages (each one Ray Train run; the best checkpoint of one initialises the next)
    ``method.distill.orders`` (e.g. "123", "13") and the weights ``w1, w2, w3`` are config and Tune.
    Both students start from the teacher's weights (``student.init_from_teacher``).
 
-Masks are synthesised online per batch (``trustlab.platform.data.masks``); the completion uses
+Masks are synthesised online per batch (``trustlab.methods.deocclusion.masks``); the completion uses
 the synthetic mask's binary map (known, as with the paper's synthetic masks; a mask segmenter
 for real photos is not part of this module).
 
@@ -56,7 +56,7 @@ pairs, TAR at FAR = 1e-2 (``method.eval.far``), ROC AUC and EER, for the student
 (the method), the teacher applied directly to masked faces (baseline), the student trained
 without completion (ablation), plus the teacher on completed faces and the teacher on
 unmasked faces (reference) — ``roc.png`` and ``completion_examples.png`` in the run folder.
-Default data: ``trustlab.platform.data.synth_identities`` (seeded synthetic identities).
+Default data: ``trustlab.methods.deocclusion.synth_identities`` (seeded synthetic identities).
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trustlab.platform.data import masks as masklib
+from trustlab.methods.deocclusion import masks as masklib
 from trustlab.platform.method import MethodBase
 from trustlab.platform.registry import register_method
 
@@ -632,7 +632,7 @@ class Deocclusion(MethodBase):
         return completion_worker_loop if stage == "completion" else None
 
     def build_data(self, cfg: dict) -> dict:
-        from trustlab.platform.data.synth_identities import build_identity_set
+        from trustlab.methods.deocclusion.synth_identities import build_identity_set
 
         if cfg["data"]["name"] != "auto":
             raise ValueError("deocclusion reads its generated identity set (data=auto); a face manifest "

@@ -37,7 +37,7 @@ Training: AdamW at peak lr ``method.lr`` with a linear warm-up and cosine decay 
 (``method.lr_schedule``; the schedule follows the optimizer's own step count, so a resumed run
 continues it).
 
-Default data: ``trustlab.platform.data.face_manip`` (real face photos with blended or warped regions).
+Default data: ``trustlab.methods.whitening.face_manip`` (real face photos with blended or warped regions).
 """
 from __future__ import annotations
 
@@ -293,7 +293,7 @@ class Whitening(MethodBase):
     _calib = None  # training arrays for recalibration (set per worker process by _worker_loop)
 
     def build_data(self, cfg: dict) -> dict:
-        from trustlab.platform.data import face_manip
+        from trustlab.methods.whitening import face_manip
 
         d = cfg["method"]["data"]
         if cfg["data"]["name"] != "auto":

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trustlab.platform.fscil import (FSCILMethod, SmallConvNet, as_float, broadcast_module, encode,
+from trustlab.methods.fscil.engine import (FSCILMethod, SmallConvNet, as_float, broadcast_module, encode,
                                      random_shift, session_split)
 from trustlab.platform.registry import register_method
 

@@ -1,0 +1,1 @@
+"""Developer tools that run from the repository, not from the installed package."""
