@@ -157,7 +157,9 @@ def test_completion_gan_learns_to_fill_masks(tiny_cfg):
             return float(((model.generator.complete(xv, mv) - x[:16]).abs() * mv).sum() / (mv.sum() * 3))
 
     before = hole_l1()
-    for step in range(60):
+    # 150 steps: with the identity term on (a random teacher here) 60 steps reached 0.168 of 0.184
+    # on one machine, 150 reach 0.116 (grey fill: 0.178)
+    for step in range(150):
         idx = torch.randperm(64, generator=torch.Generator().manual_seed(step))[:16]
         xm, m, _ = masks.synthesize(x[idx], lm[idx], step)
         d = D.gan_losses(model, x[idx], xm, m, c, "d")
@@ -215,13 +217,22 @@ def test_identity_loss_trains_the_generator_towards_the_teachers_embedding(tiny_
     assert all(torch.equal(a, b) for a, b in zip(t_before, model.teacher.parameters()))
 
 
-def test_both_students_see_the_same_masks(tiny_cfg):
+def test_both_students_see_the_same_masks(tiny_cfg, monkeypatch):
     """Like-for-like ablation: the training mask seed does not depend on the stage."""
-    meth = D.Deocclusion()
-    a, b = D.DeocclusionModel(tiny_cfg), D.DeocclusionModel(tiny_cfg)
-    sa = [meth._mask_seed(a, tiny_cfg, "student") for _ in range(3)]
-    sb = [meth._mask_seed(b, tiny_cfg, "student_nocomp") for _ in range(3)]
-    assert sa == sb and sa[0] != sa[1]
+    from trustlab.platform.method import Step
+    from trustlab.platform.registry import get_method
+
+    meth = get_method("deocclusion")
+    seeds = {}
+    for stage in ("student", "student_nocomp"):
+        seen = seeds.setdefault(stage, [])
+        monkeypatch.setattr(D.masklib, "synthesize",
+                            lambda x, lm, seed, mcfg, _s=seen: (_s.append(seed), (x, torch.zeros_like(x[:, :1]), None))[1])
+        model = D.DeocclusionModel(tiny_cfg)
+        batch = {"x": torch.rand(2, 3, 32, 32), "y": torch.tensor([0, 1]), "lm": torch.zeros(2, 5, 2)}
+        for done in range(3):
+            meth.loss_step(model, batch, stage, tiny_cfg, Step(done=done))
+    assert seeds["student"] == seeds["student_nocomp"] and seeds["student"][0] != seeds["student"][1]
 
 
 def test_verification_metrics_on_known_embeddings():

@@ -152,3 +152,44 @@ def test_overrides_file_expands_into_overrides(tmp_path):
     assert args == ["method=f2c", "method.tau=0.23", "trainer.lr=0.001"]
     cfg = compose(args)
     assert cfg["method"]["tau"] == 0.23 and cfg["trainer"]["lr"] == 0.001
+
+
+def _imported_modules(path: str) -> set[str]:
+    import ast
+
+    tree = ast.parse(open(path).read(), path)
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def test_platform_imports_no_method():
+    """The arrows point one way: methods -> platform. (The registry finds the families by
+    importing the ``trustlab.methods`` package by name at run time, which names no method.)"""
+    root = os.path.join(REPO, "trustlab", "platform")
+    bad = []
+    for d, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".py"):
+                p = os.path.join(d, f)
+                bad += [f"{os.path.relpath(p, REPO)}: {m}" for m in _imported_modules(p)
+                        if m.startswith("trustlab.methods") or m.startswith("trustlab.serve")]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_meets_the_protocol_by_composition(name):
+    """Every method is a plain object with the Protocol's members: no implementation base class,
+    and the registered object takes no state (hooks get the step and context they need)."""
+    from trustlab.platform.method import Method
+
+    m = get_method(name)
+    assert isinstance(m.impl, Method), f"{name} lacks a required member of trustlab.platform.method.Method"
+    assert type(m.impl).__mro__[1:] == (object,), f"{name} inherits {type(m.impl).__mro__[1:-1]}"
+    with pytest.raises(AttributeError, match="holds no state"):
+        m.anything = 1

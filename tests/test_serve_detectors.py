@@ -10,27 +10,27 @@ import pytest
 import torch
 
 from conftest import ci_overrides, compose
-from trustlab.platform.method import MethodBase
 from trustlab.platform.registry import get_method, list_methods
 
 FACES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "real", "faces")
 
 
 def _detectors():
-    from trustlab.serve.graph import MODALITIES
+    from trustlab.serve.inputs import MODALITIES
 
     out = []
     for name in list_methods():
         m = get_method(name)
-        fn = getattr(type(m), "serve_inputs", None)  # other tests may register bare stand-ins
-        if getattr(m, "modality", "image") in MODALITIES and fn is not None and fn is not MethodBase.serve_inputs:
+        # other tests may register bare stand-ins without a serving path
+        if getattr(m, "modality", "image") in MODALITIES and m.has("serve_inputs"):
             out.append(name)
     return out
 
 
 def _runner(name, tmp_path):
     from trustlab.platform.checkpoints import save_state
-    from trustlab.serve.graph import DetectorRunner, settings_from_args
+    from trustlab.serve.runner import DetectorRunner
+    from trustlab.serve.settings import settings_from_args
 
     cfg = compose([f"method={name}", *ci_overrides(name)], tmp_path)
     m = get_method(name)

@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trustlab.platform.method import MethodBase
 from trustlab.platform.registry import register_method
 
 
@@ -85,7 +84,7 @@ class F2CNet(nn.Module):
 
 
 @register_method("f2c")
-class F2C(MethodBase):
+class F2C:
     modality = "image"
 
     def build_data(self, cfg: dict) -> dict:
@@ -101,7 +100,7 @@ class F2C(MethodBase):
     def build_model(self, cfg: dict, stage: str) -> nn.Module:
         return F2CNet(cfg)
 
-    def loss_step(self, model, batch, stage, cfg):
+    def loss_step(self, model, batch, stage, cfg, step=None):
         x = batch["x"]
         if model.training:  # random 90-degree rotations keep the spectrum's statistics
             k = int(torch.randint(0, 4, (1,)))

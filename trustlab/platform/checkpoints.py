@@ -3,7 +3,6 @@ optimizer's, the epoch, the stage and the resolved config (so eval and Serve can
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
 import torch
@@ -41,13 +40,6 @@ def load_ray_checkpoint(ckpt) -> dict:
     """Load the state from a ``ray.train.Checkpoint`` (local or remote storage)."""
     with ckpt.as_directory() as d:
         return torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)
-
-
-def copy_ray_checkpoint(ckpt, dest_file: str) -> str:
-    os.makedirs(os.path.dirname(dest_file), exist_ok=True)
-    with ckpt.as_directory() as d:
-        shutil.copyfile(os.path.join(d, CKPT_FILE), dest_file)
-    return dest_file
 
 
 def temp_dir() -> str:

@@ -1,6 +1,9 @@
 """Scoring a model on a split, in a worker or on the driver; shared by train, eval and Serve."""
 from __future__ import annotations
 
+import contextlib
+import math
+
 import numpy as np
 import torch
 
@@ -13,6 +16,18 @@ def iter_array_batches(arrays: dict, batch_size: int, indices=None):
     for s in range(0, n, batch_size):
         idx = slice(s, s + batch_size) if indices is None else indices[s : s + batch_size]
         yield {k: v[idx] for k, v in arrays.items()}
+
+
+@contextlib.contextmanager
+def worker_threads(cfg: dict):
+    """Torch threads for driver-side evaluation: as many as a training worker gets (small
+    tensors; more threads than cores on a shared machine slow everything down)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(math.ceil(float(cfg["trainer"]["cpus_per_worker"])))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def to_device(batch: dict, device) -> dict:

@@ -1,85 +1,161 @@
 """The Method contract: a small object the platform drives (composition, not a trainer hierarchy).
 
-A method provides, all taking the resolved plain-dict config ``cfg``:
+A method is any object with the members of ``Method`` below (a ``typing.Protocol``: nothing to
+inherit). ``@register_method`` registers one instance; ``get_method`` hands out a ``Bound``
+around it, which is how the platform and the tests call a method.
 
-- ``name`` (set by the registry), ``modality`` ("image", "video", "face", "fscil", ...)
-- ``stages(cfg)`` -> ordered stage names; each stage is one Ray Train run whose best checkpoint
-  initialises the next stage's model.
-- ``build_data(cfg)`` -> ``{split: arrays}`` where ``arrays`` is a dict of equally long numpy
-  arrays with at least ``x`` (inputs), ``y`` (labels) and ``vid`` (video/image id for
-  video-level metrics), or a ``ray.data.Dataset`` per split for streamed data.
-  Splits: ``train``, ``val`` (model selection) and ``test`` (reported, never selected on).
-- ``build_model(cfg, stage)`` -> ``nn.Module``
-- ``loss_step(model, batch, stage, cfg)`` -> dict with a scalar tensor ``loss`` and named parts.
-- ``predict(model, batch, cfg)`` -> 1-D tensor of scores (higher = more likely fake / positive).
-- ``stage_data(cfg, stage, data)`` -> the splits a stage trains on (default: all of them;
-  e.g. self-supervised stages keep real samples only).
-- ``serve_inputs(images, cfg)`` -> a batch dict built from decoded RGB uint8 images (HxWx3),
-  for the Serve image path.
+**The one rule for optional hooks**: a hook is the method's own when the method object has an
+attribute of that name; otherwise the platform's default in this module is used (``DEFAULTS``),
+or, for hooks without a default, the platform's generic behaviour (``Bound.has(name)`` is false).
+No hook is found by inspecting signatures.
 
-Optional hooks (define them only where the generic behaviour does not fit):
-
-- ``worker_loop_for(stage)`` -> a per-worker function ``fn(config)`` replacing the generic Ray
-  Train loop for that stage (non-gradient stages: dataset distillation, relabel sampling, GAN
-  alternation). ``config`` has ``cfg, stage, epochs, init_from, data_ref, ray_datasets``; the
-  function must call ``ray.train.report(metrics, checkpoint)`` at least once with a metric
-  ``val_score`` (higher is better) and a checkpoint directory written by
-  ``trustlab.platform.checkpoints.save_state(dir, model=..., epoch=..., stage=..., cfg=...)``.
-  ``trustlab.platform.train.worker_loop`` is the reference.
-- ``validate(model, stage, cfg, batches, rank, world, device, gather)`` -> per-epoch validation
-  metrics including ``val_score``, replacing the generic detection validation.
-- ``evaluate(cfg, model, data, run_dir)`` -> the whole ``metrics.json`` dict (split -> level ->
-  metric, plus "ablation"/"baselines"/...), replacing the generic detection evaluation.
-- ``after_train(cfg, model, data, run_dir)`` -> extra top-level entries merged into the generic
-  ``metrics.json`` (robustness tables, ablations, plots written into ``run_dir``).
-
-Every method YAML also carries ``ci_overrides``: a list of Hydra override strings that shrink
-its default run for tests (tiny data, one epoch); tests parametrised over ``list_methods()``
-train every registered method through Ray Train with them.
-
-``MethodBase`` holds the defaults most methods share; a method overrides what differs.
+Every method YAML also carries ``ci_overrides``: Hydra override strings that shrink its default
+run for tests; tests parametrised over ``list_methods()`` train every registered method through
+Ray Train with them.
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 
-class MethodBase:
-    name: str = ""
-    modality: str = "image"
+@dataclass(frozen=True)
+class Step:
+    """Where a ``loss_step`` call stands: ``done`` optimizer steps of this stage already taken by
+    this worker (restored with the checkpoint), the 0-based ``epoch``, this worker's ``rank`` in a
+    group of ``world``, and the run's ``seed``. Hooks that need a step count or per-rank seeds
+    read them here; nothing of the kind lives on the registered method object."""
 
-    def stages(self, cfg: dict) -> list[str]:
-        return ["train"]
+    done: int = 0
+    epoch: int = 0
+    rank: int = 0
+    world: int = 1
+    seed: int = 0
 
-    def stage_data(self, cfg: dict, stage: str, data: dict) -> dict:
-        return data
 
-    def stage_epochs(self, cfg: dict, stage: str) -> int:
-        return int(cfg["trainer"]["epochs"])
+@runtime_checkable
+class Method(Protocol):
+    """Required members. ``cfg`` is always the resolved plain-dict config."""
 
-    def stage_selects(self, cfg: dict, stage: str) -> bool:
-        """Whether this stage's checkpoints are ranked by the validation metric (else: latest)."""
-        return True
+    name: str       # set by the registry
+    modality: str   # "image", "video", "face", "fscil", ...
 
-    def configure_optimizer(self, model: torch.nn.Module, cfg: dict, stage: str):
-        t = cfg["trainer"]
-        params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=float(t["lr"]), weight_decay=float(t["weight_decay"]))
+    def build_data(self, cfg: dict) -> dict:
+        """``{split: arrays}`` (a dict of equally long numpy arrays with at least ``x``, ``y`` and
+        ``vid``) or a ``ray.data.Dataset`` per split. Splits: ``train``, ``val`` (model selection),
+        ``test`` (reported, never selected on)."""
 
-    def to_batch(self, arrays: dict) -> dict:
-        """numpy arrays of one batch -> tensors (uint8 images become float in [0, 1])."""
-        out = {}
-        for k, v in arrays.items():
-            v = np.asarray(v)
-            if v.dtype.kind not in "biuf":  # strings / objects (paths, names) stay numpy
-                out[k] = v
-                continue
-            t = torch.from_numpy(np.array(v, copy=True))  # object-store arrays are read-only
-            if k == "x" and t.dtype == torch.uint8:
-                t = t.float().div_(255.0)
-            out[k] = t
-        return out
+    def build_model(self, cfg: dict, stage: str) -> torch.nn.Module: ...
 
-    def serve_inputs(self, images: list, cfg: dict) -> dict:
-        raise NotImplementedError(f"{self.name} has no image serving path")
+    def loss_step(self, model, batch: dict, stage: str, cfg: dict, step: Step) -> dict:
+        """A dict with a scalar tensor ``loss`` and named parts (logged as ``train_<part>``)."""
+
+    def predict(self, model, batch: dict, cfg: dict) -> torch.Tensor:
+        """1-D scores, higher = more likely fake / positive."""
+
+
+# ----------------------------------------------------------------------------- optional hooks
+# Hooks with a platform default (the method defines one only where the default does not fit):
+def stages(method, cfg: dict) -> list[str]:
+    """Ordered stage names; each stage is one Ray Train run whose best checkpoint initialises
+    the next stage's model."""
+    return ["train"]
+
+
+def stage_data(method, cfg: dict, stage: str, data: dict) -> dict:
+    """The splits a stage trains on (e.g. self-supervised stages keep real samples only)."""
+    return data
+
+
+def stage_epochs(method, cfg: dict, stage: str) -> int:
+    return int(cfg["trainer"]["epochs"])
+
+
+def stage_selects(method, cfg: dict, stage: str) -> bool:
+    """Whether this stage's checkpoints are ranked by the validation metric (else: latest)."""
+    return True
+
+
+def configure_optimizer(method, model: torch.nn.Module, cfg: dict, stage: str, steps_per_epoch: int | None = None):
+    """AdamW over the trainable parameters. ``steps_per_epoch`` (this worker's, None for streamed
+    data) lets a method size an lr schedule."""
+    t = cfg["trainer"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=float(t["lr"]), weight_decay=float(t["weight_decay"]))
+
+
+def to_batch(arrays: dict) -> dict:
+    """numpy arrays of one batch -> tensors (uint8 images become float in [0, 1])."""
+    out = {}
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        if v.dtype.kind not in "biuf":  # strings / objects (paths, names) stay numpy
+            out[k] = v
+            continue
+        t = torch.from_numpy(np.array(v, copy=True))  # object-store arrays are read-only
+        if k == "x" and t.dtype == torch.uint8:
+            t = t.float().div_(255.0)
+        out[k] = t
+    return out
+
+
+def _default_to_batch(method, arrays: dict) -> dict:
+    return to_batch(arrays)
+
+
+DEFAULTS: dict[str, Callable] = {
+    "stages": stages,
+    "stage_data": stage_data,
+    "stage_epochs": stage_epochs,
+    "stage_selects": stage_selects,
+    "configure_optimizer": configure_optimizer,
+    "to_batch": _default_to_batch,
+}
+
+#: Hooks without a default; absent means the platform's generic behaviour:
+#: - ``worker_loop_for(stage)`` -> ``fn(config)`` replacing the generic Ray Train loop for that
+#:   stage (non-gradient stages, GAN alternation, session loops). It builds a
+#:   ``trustlab.platform.train.WorkerContext(config)`` and reports through it.
+#: - ``validate(model, stage, cfg, batches, ctx)`` -> per-epoch validation metrics with
+#:   ``val_score`` (higher is better); ``ctx`` is the WorkerContext (rank, world, device, gather,
+#:   this worker's arrays).
+#: - ``evaluate(cfg, model, data, run_dir)`` -> the whole ``metrics.json`` dict.
+#: - ``after_train(cfg, model, data, run_dir)`` -> entries merged into the generic ``metrics.json``.
+#: - ``serve_inputs(images, cfg)`` -> a batch dict from decoded RGB uint8 images (HxWx3): the
+#:   Serve image path; a method without it is not served.
+#: - ``serve_adapter``: what Serve feeds ``serve_inputs``: ``"image"`` (default), ``"clip"``
+#:   (the frames of a face clip) or ``"image+caption"`` (``serve_inputs(images, cfg, captions)``).
+OPTIONAL = ("worker_loop_for", "validate", "evaluate", "after_train", "serve_inputs", "serve_adapter")
+
+
+class Bound:
+    """A registered method with the optional-hook rule applied: ``bound.to_batch(arrays)`` is the
+    method's own ``to_batch`` when it has one, else the default; every other attribute is the
+    method's. ``bound.has(name)`` says whether the method defines ``name`` itself."""
+
+    __slots__ = ("impl",)
+
+    def __init__(self, impl: Any):
+        object.__setattr__(self, "impl", impl)
+
+    def has(self, name: str) -> bool:
+        return hasattr(self.impl, name)
+
+    def __getattr__(self, name: str):
+        impl = object.__getattribute__(self, "impl")
+        try:
+            return getattr(impl, name)
+        except AttributeError:
+            if name in DEFAULTS:
+                return functools.partial(DEFAULTS[name], impl)
+            raise
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a registered method holds no state: keep it in the worker context or the model")
+
+    def __repr__(self) -> str:
+        return f"<method {getattr(self.impl, 'name', '?')}>"

@@ -21,14 +21,17 @@ class UnknownMethodError(KeyError):
 
 
 def register_method(name: str) -> Callable:
-    """Class decorator: instantiate the class once and register it under ``name``."""
+    """Class decorator: instantiate the class once and register it under ``name`` (``get_method``
+    returns it wrapped in ``trustlab.platform.method.Bound``, which applies the optional-hook rule)."""
 
     def deco(cls):
-        if name in _REGISTRY and type(_REGISTRY[name]) is not cls:
+        from trustlab.platform.method import Bound
+
+        if name in _REGISTRY and type(_REGISTRY[name].impl) is not cls:
             raise ValueError(f"method {name!r} is registered twice")
         inst = cls()
         inst.name = name
-        _REGISTRY[name] = inst
+        _REGISTRY[name] = Bound(inst)
         return cls
 
     return deco

@@ -70,7 +70,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trustlab.methods.deocclusion import masks as masklib
-from trustlab.platform.method import MethodBase
+from trustlab.platform.evaluate import worker_threads
+from trustlab.platform.method import Step
 from trustlab.platform.registry import register_method
 
 EVAL_MASK_SEED = 104729  # per-image eval masks use seed vid + this (fixed across runs and reloads)
@@ -403,24 +404,15 @@ STAGE_VAL = {  # stage -> (system whose masked-pair accuracy is val_score, other
 }
 
 
-def _gather_objects(obj, world: int) -> list:
-    if world <= 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def val_metrics(model, stage, cfg, shard: dict, world: int, device="cpu", gather=None) -> dict:
-    """Validation of a stage on this rank's ``shard`` of the val split, gathered over ranks:
-    masked-pair (or, for the teacher, unmasked-pair) verification of the stage's system."""
+def val_metrics(model, stage, cfg, shard: dict, ctx) -> dict:
+    """Validation of a stage on this rank's ``shard`` of the val split, gathered over ranks
+    (``ctx``: the WorkerContext): masked-pair (or, for the teacher, unmasked-pair) verification
+    of the stage's system."""
     main, extra = STAGE_VAL[stage]
     systems = (main,) + tuple(extra)
     part = embed_split(model, shard, cfg, list(systems) + (["hole_l1"] if stage == "completion" else []),
-                       int(cfg["trainer"]["eval_batch_size"]), device)
-    allp = _gathered((gather or _gather_objects)(part, world))
+                       int(cfg["trainer"]["eval_batch_size"]), ctx.device)
+    allp = _gathered(ctx.gather(part))
     far = float(cfg["method"]["eval"]["far"])
     out = {}
     for s in systems:
@@ -438,23 +430,6 @@ def val_metrics(model, stage, cfg, shard: dict, world: int, device="cpu", gather
 
 
 # ----------------------------------------------------------------------------- completion stage loop
-def _allreduce(params, world):
-    if world <= 1:
-        return
-    import torch.distributed as dist
-
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat.div_(world)
-    o = 0
-    for g in grads:
-        g.copy_(flat[o : o + g.numel()].view_as(g))
-        o += g.numel()
-
-
 def local_crops(x: torch.Tensor, m: torch.Tensor, frac: float) -> torch.Tensor:
     """Square crops (side ``frac`` x image side) centred on each mask's centroid, kept inside."""
     b, _, h, w = x.shape
@@ -508,109 +483,64 @@ def identity_loss(teacher: nn.Module, x: torch.Tensor, completed: torch.Tensor) 
 def completion_worker_loop(config: dict) -> None:
     """Ray Train loop of the ``completion`` stage: per batch one critic update, then one
     generator update (gradients all-reduced across workers separately for each)."""
-    import ray.train
-    import ray.train.torch
+    from trustlab.platform.train import WorkerContext
 
-    from trustlab.platform import checkpoints as ck
-    from trustlab.platform.evaluate import iter_array_batches
-    from trustlab.platform.registry import get_method
-
-    cfg, stage = config["cfg"], config["stage"]
-    t, ccfg = cfg["trainer"], cfg["method"]["completion"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(math.ceil(float(t["cpus_per_worker"])))))
-    method = get_method(cfg["method"]["name"])
-    seed = int(cfg["seed"])
-    torch.manual_seed(seed)
-    model = method.build_model(cfg, stage)
-    if config.get("init_from"):
-        model.load_state_dict(ck.load_state(config["init_from"], cfg["run"].get("s3_endpoint"))["model"], strict=False)
-    device = ray.train.torch.get_device()
-    model.to(device)
+    ctx = WorkerContext.from_ray(config)
+    cfg, stage, seed, rank = ctx.cfg, ctx.stage, ctx.seed, ctx.rank
+    ccfg = cfg["method"]["completion"]
+    model = ctx.build_model()
     model.teacher.requires_grad_(False)  # frozen: the identity loss trains the generator only
     g_params = list(model.generator.parameters())
     d_params = list(model.d_global.parameters()) + list(model.d_local.parameters())
-    opt_g = torch.optim.Adam(g_params, lr=float(ccfg["lr_g"]), betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(d_params, lr=float(ccfg["lr_d"]), betas=(0.5, 0.9))
-    start = 0
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        st = ck.load_ray_checkpoint(restored)
-        model.load_state_dict(st["model"])
-        opt_g.load_state_dict(st["optimizer"]["g"])
-        opt_d.load_state_dict(st["optimizer"]["d"])
-        start = int(st["epoch"])
-    data = ray.get(config["data_ref"])
-    train, val = data["train"], data["val"]
-    bs = int(t["batch_size"])
-    epochs = int(config["epochs"])
-    for epoch in range(start, epochs):
+    opts = {"g": torch.optim.Adam(g_params, lr=float(ccfg["lr_g"]), betas=(0.5, 0.9)),
+            "d": torch.optim.Adam(d_params, lr=float(ccfg["lr_d"]), betas=(0.5, 0.9))}
+    start = ctx.restore(model, opts)
+    for epoch in range(start, ctx.epochs):
         t0 = time.time()
         model.generator.train(), model.d_global.train(), model.d_local.train()
         model.teacher.eval()
-        n = len(train["y"])
-        perm = np.random.default_rng([seed, epoch, 17]).permutation(n)
-        per = n // world
         sums: dict[str, float] = {}
         steps = 0
-        for b in iter_array_batches(train, bs, perm[rank * per : (rank + 1) * per]):
-            x = torch.from_numpy(np.array(b["x"])).float().div(255).to(device)
-            lm = torch.from_numpy(np.array(b["lm"])).float().to(device)
+        for b in ctx.train_batches(epoch):
+            x = torch.from_numpy(np.array(b["x"])).float().div(255).to(ctx.device)
+            lm = torch.from_numpy(np.array(b["lm"])).float().to(ctx.device)
             xm, m, _ = masklib.synthesize(x, lm, [seed, rank, epoch, steps, 1], cfg["method"]["masks"])
             d = gan_losses(model, x, xm, m, ccfg, "d")
-            opt_d.zero_grad(set_to_none=True)
+            opts["d"].zero_grad(set_to_none=True)
             d["loss"].backward()
-            _allreduce(d_params, world)
-            opt_d.step()
+            ctx.allreduce_grads(d_params)
+            opts["d"].step()
             g = gan_losses(model, x, xm, m, ccfg, "g")
-            opt_g.zero_grad(set_to_none=True)
+            opts["g"].zero_grad(set_to_none=True)
             g["loss"].backward()
-            _allreduce(g_params, world)
-            opt_g.step()
+            ctx.allreduce_grads(g_params)
+            opts["g"].step()
             steps += 1
+            ctx.done += 1
             for k, v in {**{f"d_{k}": v for k, v in d.items()}, **{f"g_{k}": v for k, v in g.items()}}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
         train_time = time.time() - t0
 
         metrics = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}
         metrics["train_loss"] = metrics.get("train_g_loss", float("nan"))
-        shard = {k: v[rank::world] for k, v in val.items()}
-        metrics.update(val_metrics(model, stage, cfg, shard, world, device))
-        metrics.update(epoch=epoch + 1, stage=stage, steps=steps, train_seconds=train_time)
-        ckpt = None
-        if rank == 0:
-            dd = ck.temp_dir()
-            ck.save_state(dd, model=model.state_dict(), optimizer={"g": opt_g.state_dict(), "d": opt_d.state_dict()},
-                          epoch=epoch + 1, stage=stage, metrics=metrics, cfg=cfg)
-            ckpt = ray.train.Checkpoint.from_directory(dd)
-            print(f"[deocclusion:completion] epoch {epoch + 1}/{epochs} {train_time:.1f}s: "
-                  f"g_l1_hole {metrics.get('train_g_l1_hole', float('nan')):.4f} adv {metrics.get('train_g_adv', float('nan')):.3f} "
-                  f"d {metrics.get('train_d_loss', float('nan')):.3f} | val_hole_l1 {metrics['val_hole_l1']:.4f} "
-                  f"val teacher-on-completed acc {metrics['val_acc']:.4f}", flush=True)
-        ray.train.report(metrics, checkpoint=ckpt)
+        metrics.update(val_metrics(model, stage, cfg, ctx.shard("val"), ctx))
+        metrics.update(steps=steps, train_seconds=train_time)
+        ctx.log(f"epoch {epoch + 1}/{ctx.epochs} {train_time:.1f}s: "
+                f"g_l1_hole {metrics.get('train_g_l1_hole', float('nan')):.4f} adv {metrics.get('train_g_adv', float('nan')):.3f} "
+                f"d {metrics.get('train_d_loss', float('nan')):.3f} | val_hole_l1 {metrics['val_hole_l1']:.4f} "
+                f"val teacher-on-completed acc {metrics['val_acc']:.4f}")
+        ctx.report(metrics, model, opts, epoch=epoch + 1)
 
 
-def _eval_threads(cfg: dict):
-    """Torch threads for driver-side evaluation: as many as a training worker gets (small
-    tensors; more threads than cores on a shared machine slow everything down)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        old = torch.get_num_threads()
-        torch.set_num_threads(max(1, int(math.ceil(float(cfg["trainer"]["cpus_per_worker"])))))
-        try:
-            yield
-        finally:
-            torch.set_num_threads(old)
-
-    return ctx()
+def mask_seed(cfg: dict, step: Step) -> list:
+    """The training masks' seed. Stage-independent: both students see the same mask on the same
+    face at the same step (a like-for-like ablation); the teacher stage draws no masks."""
+    return [int(cfg["seed"]), step.rank, step.done, 2]
 
 
 # ----------------------------------------------------------------------------- the method
 @register_method("deocclusion")
-class Deocclusion(MethodBase):
+class Deocclusion:
     modality = "face"
 
     def stages(self, cfg: dict) -> list[str]:
@@ -656,7 +586,7 @@ class Deocclusion(MethodBase):
                 model.teacher.load_state_dict(sd)
         return model
 
-    def configure_optimizer(self, model, cfg, stage):
+    def configure_optimizer(self, model, cfg, stage, steps_per_epoch=None):
         m = cfg["method"]
         if stage == "teacher":
             params = list(model.teacher.parameters()) + list(model.teacher_head.parameters())
@@ -666,17 +596,7 @@ class Deocclusion(MethodBase):
             lr = float(m["student"]["lr"])
         return torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg["trainer"]["weight_decay"]))
 
-    def _mask_seed(self, model, cfg, stage):
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        step = getattr(model, "_mask_calls", 0)
-        model._mask_calls = step + 1
-        # stage-independent: both students see the same mask on the same face at the same step
-        # (like-for-like ablation); the teacher stage draws no masks
-        return [int(cfg["seed"]), rank, step, 2]
-
-    def loss_step(self, model, batch, stage, cfg):
+    def loss_step(self, model, batch, stage, cfg, step=None):
         m = cfg["method"]
         x, y = batch["x"], batch["y"]
         if stage == "teacher":
@@ -694,7 +614,7 @@ class Deocclusion(MethodBase):
         model.generator.eval()
         with torch.no_grad():
             te = model.teacher(x)
-            xm, hole, _ = masklib.synthesize(x, batch["lm"], self._mask_seed(model, cfg, stage), m["masks"])
+            xm, hole, _ = masklib.synthesize(x, batch["lm"], mask_seed(cfg, step or Step()), m["masks"])
             inp = model.generator.complete(xm, hole) if stage == "student" else xm
         se = net(inp)
         out = distill_loss(se, te, m["distill"])
@@ -706,10 +626,10 @@ class Deocclusion(MethodBase):
             out["loss"] = out["loss"] + out["ce"]
         return out
 
-    def validate(self, model, stage, cfg, batches, rank, world, device, gather):
+    def validate(self, model, stage, cfg, batches, ctx):
         parts = list(batches)  # this rank's share of the val split
         shard = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
-        return val_metrics(model, stage, cfg, shard, world, device, gather)
+        return val_metrics(model, stage, cfg, shard, ctx)
 
     def predict(self, model, batch, cfg):
         """Verification scores for pairs: cosine similarity of the student's embeddings of the
@@ -727,7 +647,7 @@ class Deocclusion(MethodBase):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, cfg: dict, model, data: dict, run_dir: str) -> dict:
-        with _eval_threads(cfg):
+        with worker_threads(cfg):
             return self._evaluate(cfg, model, data, run_dir)
 
     def _evaluate(self, cfg: dict, model, data: dict, run_dir: str) -> dict:

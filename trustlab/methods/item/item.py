@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trustlab.platform.method import MethodBase
+from trustlab.platform.method import to_batch
 from trustlab.platform.registry import register_method
 
 LEVELS = ("global", "image", "patch")
@@ -287,7 +287,7 @@ def clip_pretrain_loss(model: ItemNet, batch: dict, weights: dict) -> dict:
 
 # ----------------------------------------------------------------------------- method
 @register_method("item")
-class Item(MethodBase):
+class Item:
     modality = "image"
     BATCH_KEYS = ("x", "y", "vid", "tokens", "phrase_tokens", "phrase_mask")
 
@@ -343,7 +343,7 @@ class Item(MethodBase):
                 p.requires_grad_(False)
         return model
 
-    def configure_optimizer(self, model, cfg: dict, stage: str):
+    def configure_optimizer(self, model, cfg: dict, stage: str, steps_per_epoch=None):
         params = [p for p in model.parameters() if p.requires_grad]
         if stage == "clip_pretrain":
             pc = cfg["method"]["pretrain"]
@@ -352,9 +352,9 @@ class Item(MethodBase):
         return torch.optim.AdamW(params, lr=float(t["lr"]), weight_decay=float(t["weight_decay"]))
 
     def to_batch(self, arrays: dict) -> dict:
-        return super().to_batch({k: v for k, v in arrays.items() if k in self.BATCH_KEYS})
+        return to_batch({k: v for k, v in arrays.items() if k in self.BATCH_KEYS})
 
-    def loss_step(self, model, batch, stage, cfg):
+    def loss_step(self, model, batch, stage, cfg, step=None):
         net = model.module if hasattr(model, "module") else model
         if stage == "clip_pretrain":
             return clip_pretrain_loss(net, batch, cfg["method"]["pretrain"]["weights"])

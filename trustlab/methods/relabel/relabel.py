@@ -50,7 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trustlab.methods.relabel import attribution as A
-from trustlab.platform.method import MethodBase
+from trustlab.platform.evaluate import worker_threads
+from trustlab.platform.method import to_batch
 from trustlab.platform.registry import register_method
 
 
@@ -344,70 +345,30 @@ def _explain_metrics(model, arrays: dict, cfg: dict, idx: np.ndarray, seed: int,
 def relabel_worker_loop(config: dict) -> None:
     """Non-gradient stage: each worker explains its share of the val images; the gathered
     deletion / insertion AUCs give ``val_score = insertion - deletion`` (one report)."""
-    import ray.train
+    from trustlab.platform.train import WorkerContext
 
-    from trustlab.platform import checkpoints as ck
-    from trustlab.platform.registry import get_method
-
-    cfg, stage = config["cfg"], config["stage"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(math.ceil(float(cfg["trainer"]["cpus_per_worker"])))))
-    method = get_method(cfg["method"]["name"])
-    torch.manual_seed(int(cfg["seed"]))
-    model = method.build_model(cfg, stage)
-    if config.get("init_from"):
-        model.load_state_dict(ck.load_state(config["init_from"], cfg["run"].get("s3_endpoint"))["model"], strict=False)
+    ctx = WorkerContext.from_ray(config)
+    cfg = ctx.cfg
+    model = ctx.build_model(to_device=False)
     model.eval()
-    data = ray.get(config["data_ref"])
-    val = data["val"]
+    val = ctx.data["val"]
     n = min(len(val["y"]), int(cfg["method"]["eval"]["n_val_images"]))
-    mine = np.arange(rank, n, world)
-    res, _, rl, _, _, _, _ = _explain_metrics(model, val, cfg, mine, int(cfg["seed"]) + 1, with_baselines=False)
-    part = (res["relabel"]["deletion_auc"].numpy(), res["relabel"]["insertion_auc"].numpy(), rl["shift_rate"].numpy())
-    if world > 1:
-        import torch.distributed as dist
-
-        parts = [None] * world
-        dist.all_gather_object(parts, part)
-    else:
-        parts = [part]
-    dele = np.concatenate([p[0] for p in parts])
-    ins = np.concatenate([p[1] for p in parts])
-    shift = np.concatenate([p[2] for p in parts])
+    mine = np.arange(ctx.rank, n, ctx.world)
+    res, _, rl, _, _, _, _ = _explain_metrics(model, val, cfg, mine, ctx.seed + 1, with_baselines=False)
+    parts = ctx.gather((res["relabel"]["deletion_auc"].numpy(), res["relabel"]["insertion_auc"].numpy(),
+                        rl["shift_rate"].numpy()))
+    dele, ins, shift = (np.concatenate([p[i] for p in parts]) for i in range(3))
     metrics = {"val_deletion_auc": float(dele.mean()), "val_insertion_auc": float(ins.mean()),
                "val_shift_rate": float(shift.mean()), "val_score": float(ins.mean() - dele.mean()),
-               "epoch": 1, "stage": stage, "n_images": int(len(dele))}
-    ckpt = None
-    if rank == 0:
-        d = ck.temp_dir()
-        ck.save_state(d, model=model.state_dict(), epoch=1, stage=stage, metrics=metrics, cfg=cfg)
-        ckpt = ray.train.Checkpoint.from_directory(d)
-        print(f"[relabel:relabel] {len(dele)} val images: deletion AUC {metrics['val_deletion_auc']:.4f}, "
-              f"insertion AUC {metrics['val_insertion_auc']:.4f}, label shift rate {metrics['val_shift_rate']:.3f}", flush=True)
-    ray.train.report(metrics, checkpoint=ckpt)
-
-
-def _eval_threads(cfg: dict):
-    """Torch threads for driver-side evaluation: as many as a training worker gets (small
-    tensors; more threads than cores on a shared machine slow everything down)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        old = torch.get_num_threads()
-        torch.set_num_threads(max(1, int(math.ceil(float(cfg["trainer"]["cpus_per_worker"])))))
-        try:
-            yield
-        finally:
-            torch.set_num_threads(old)
-
-    return ctx()
+               "n_images": int(len(dele))}
+    ctx.log(f"{len(dele)} val images: deletion AUC {metrics['val_deletion_auc']:.4f}, "
+            f"insertion AUC {metrics['val_insertion_auc']:.4f}, label shift rate {metrics['val_shift_rate']:.3f}")
+    ctx.report(metrics, model, epoch=1)
 
 
 # ----------------------------------------------------------------------------- the method
 @register_method("relabel")
-class Relabel(MethodBase):
+class Relabel:
     modality = "image"
 
     def _external(self, cfg):
@@ -450,12 +411,12 @@ class Relabel(MethodBase):
         shape, k = self._shape(cfg)
         return RelabelModel(cfg, shape, k)
 
-    def configure_optimizer(self, model, cfg, stage):
+    def configure_optimizer(self, model, cfg, stage, steps_per_epoch=None):
         sub = model.blackbox if stage == "blackbox" else model.vae
         return torch.optim.AdamW(sub.parameters(), lr=float(cfg["method"][stage]["lr"]),
                                  weight_decay=float(cfg["trainer"]["weight_decay"]))
 
-    def loss_step(self, model, batch, stage, cfg):
+    def loss_step(self, model, batch, stage, cfg, step=None):
         x = _as_float(batch["x"])
         if stage == "blackbox":
             logits = model.blackbox(x)
@@ -466,12 +427,12 @@ class Relabel(MethodBase):
             return model.vae.loss(x, float(cfg["method"]["vae"]["beta"]))
         raise ValueError(f"stage {stage} has its own loop")
 
-    def validate(self, model, stage, cfg, batches, rank, world, device, gather):
+    def validate(self, model, stage, cfg, batches, ctx):
         model.eval()
         tot = {"n": 0, "correct": 0.0, "loss": 0.0, "mse": 0.0}
         with torch.no_grad():
             for b in batches:
-                t = self.to_batch(b)
+                t = to_batch(b)
                 x = _as_float(t["x"])
                 n = len(x)
                 if stage == "blackbox":
@@ -484,7 +445,7 @@ class Relabel(MethodBase):
                     tot["loss"] += float(o["loss"]) * n
                     tot["mse"] += float(o["mse"]) * n
                 tot["n"] += n
-        parts = gather(tot, world)
+        parts = ctx.gather(tot)
         s = {k: sum(p[k] for p in parts) for k in tot}
         n = max(1, s["n"])
         if stage == "blackbox":
@@ -497,7 +458,7 @@ class Relabel(MethodBase):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, cfg: dict, model, data: dict, run_dir: str) -> dict:
-        with _eval_threads(cfg):
+        with worker_threads(cfg):
             return self._evaluate(cfg, model, data, run_dir)
 
     def _evaluate(self, cfg: dict, model, data: dict, run_dir: str) -> dict:

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trustlab.platform.evaluate import iter_array_batches
+
 CLIP_KEYS = ("x", "y", "vid", "clip")
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FACE_DIR = os.path.join(os.path.dirname(_REPO), "shared", "data", "real", "faces")
 
 
 # ----------------------------------------------------------------------------- synthetic clips
@@ -42,13 +42,16 @@ def face_bank(side: int = 96) -> tuple[np.ndarray, ...]:
     import cv2
     import skimage.data as skd
 
+    from trustlab.methods.video.synth_video import shared_real_dir
+
     faces = [np.asarray(skd.astronaut())[40:200, 150:310]]
-    if os.path.isdir(FACE_DIR):
+    face_dir = os.path.join(shared_real_dir() or "", "faces")
+    if os.path.isdir(face_dir):
         from PIL import Image
 
-        for f in sorted(os.listdir(FACE_DIR)):
+        for f in sorted(os.listdir(face_dir)):
             if f.endswith("_aligned.png"):
-                faces.append(np.asarray(Image.open(os.path.join(FACE_DIR, f)).convert("RGB")))
+                faces.append(np.asarray(Image.open(os.path.join(face_dir, f)).convert("RGB")))
     return tuple(cv2.resize(f.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA) for f in faces)
 
 
@@ -285,7 +288,9 @@ def _memory_set(cfg: dict, name: str, splits, vid_offset: int) -> dict:
                              float(spec.get("strength", d.get("strength", 1.0))), vid_offset=vid_offset)
 
 
-_REPORTS: list = []  # keep the data plane's bad-file reports (and any local S3 server) alive
+# The data plane's bad-file reports of the current run's sets (their actors, and any local S3
+# server, must stay alive while datasets stream); build_video_data starts a fresh list.
+_REPORTS: list = []
 
 
 def _stream_set(cfg: dict, name: str, splits, vid_offset: int) -> dict:
@@ -299,14 +304,29 @@ def _stream_set(cfg: dict, name: str, splits, vid_offset: int) -> dict:
 
 
 def bad_file_summary() -> dict:
-    """``{set: report summary}`` of the data plane's bad-file reports of this process."""
+    """``{set: {"bad_files": [{uri, split, reason, count}], "stats": {split: counts}}}`` of the
+    current run's streamed sets: what every split read so far (training workers included) could
+    not decode, and the face/frame counts."""
     out = {}
     for name, rep in _REPORTS:
-        try:
-            out[name] = {"bad_files": rep.bad_files(), "stats": rep.stats()}
-        except Exception as e:  # noqa: BLE001 - a report is best effort
-            out[name] = {"error": repr(e)}
+        got = rep._get()
+        out[name] = {"bad_files": sorted(got["bad"], key=lambda b: (b["split"], b["uri"])), "stats": got["stats"]}
     return out
+
+
+def bad_file_lines(summary: dict) -> list[str]:
+    lines = []
+    for name, rep in summary.items():
+        bad = rep["bad_files"]
+        per_split = {}
+        for b in bad:
+            per_split[b["split"]] = per_split.get(b["split"], 0) + 1
+        lines.append(f"data {name}: {len(bad)} unreadable file(s)"
+                     + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(per_split.items())) + ")" if bad else ""))
+        lines.extend(f"  {b['split']}: {b['uri']} — {b['reason']}" for b in bad[:20])
+        if len(bad) > 20:
+            lines.append(f"  ... {len(bad) - 20} more in bad_files.json")
+    return lines
 
 
 def apply_batch_size(cfg: dict) -> None:
@@ -324,6 +344,7 @@ def build_video_data(cfg: dict, unlabelled_targets: bool = False) -> dict:
     ``unlabelled:<name>`` (the target's train videos; its labels are still attached here and must
     be removed by the stage that uses it, see ``mask_labels``)."""
     apply_batch_size(cfg)
+    _REPORTS.clear()
     source, targets = protocol(cfg)
     how = backend(cfg)
     if how == "memory":
@@ -479,53 +500,27 @@ def clip_summary(h: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- plain-PyTorch runner
-def iter_batches(split: dict, bs: int, order=None):
-    n = len(split["y"])
-    idx = np.arange(n) if order is None else order
-    for s in range(0, len(idx), bs):
-        j = idx[s : s + bs]
-        yield {k: np.asarray(v)[j] for k, v in split.items()}
-
-
 def local_fit(method, cfg: dict, data: dict, stages=None, epochs: int | None = None, seed: int = 0,
               init_state: dict | None = None, log=None):
-    """Train ``stages`` in one process, the generic loop's logic with one worker (seeded
-    permutation per epoch, ``stage_data``, ``loss_step``, the method's optimizer; the last
-    epoch's model goes on to the next stage). For tests and benchmarks; the platform trains
-    through Ray Train. Returns ``(model, {stage: [mean train loss parts per epoch]})``."""
+    """Train ``stages`` in one process through the platform's own loop (``run_epochs`` on a
+    local ``WorkerContext``: one worker, no Ray, no per-epoch validation); the last epoch's model
+    goes on to the next stage. For tests and benchmarks. Returns
+    ``(model, {stage: [mean train loss parts per epoch]})``."""
+    from trustlab.platform.train import WorkerContext, run_epochs
+
     apply_batch_size(cfg)
-    stages = list(stages or method.stages(cfg))
+    cfg = {**cfg, "seed": int(seed)}
     history = {}
     state = init_state
     model = None
-    for stage in stages:
-        torch.manual_seed(seed)
-        model = method.build_model(cfg, stage)
-        if state is not None:
-            model.load_state_dict(state, strict=False)
-        sd = method.stage_data(cfg, stage, data)
-        opt = method.configure_optimizer(model, cfg, stage)
-        params = [p for p in model.parameters() if p.requires_grad]
-        bs = int(cfg["trainer"]["batch_size"])
-        n_ep = int(epochs if epochs is not None else method.stage_epochs(cfg, stage))
-        history[stage] = []
-        for ep in range(n_ep):
-            model.train()
-            perm = np.random.default_rng(seed + 1000 * ep).permutation(len(sd["train"]["y"]))
-            sums, steps = {}, 0
-            for b in iter_batches(sd["train"], bs, perm):
-                out = method.loss_step(model, method.to_batch(b), stage, cfg)
-                opt.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                if cfg["trainer"].get("grad_clip"):
-                    torch.nn.utils.clip_grad_norm_(params, float(cfg["trainer"]["grad_clip"]))
-                opt.step()
-                steps += 1
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-            history[stage].append({k: v / max(1, steps) for k, v in sums.items()})
-            if log:
-                log(stage, ep, history[stage][-1])
+    for stage in list(stages or method.stages(cfg)):
+        ctx = WorkerContext.local(cfg, stage, method.stage_data(cfg, stage, data), epochs=epochs, init_from=state)
+        model = run_epochs(ctx)
+        history[stage] = [{k[len("train_"):]: v for k, v in m.items() if k.startswith("train_") and k != "train_seconds"}
+                          for m in ctx.history]
+        if log:
+            for ep, h in enumerate(history[stage]):
+                log(stage, ep, h)
         state = model.state_dict()
     return model, history
 
@@ -534,7 +529,7 @@ def score(method, model, split: dict, cfg: dict, bs: int = 64) -> np.ndarray:
     model.eval()
     out = []
     with torch.no_grad():
-        for b in iter_batches(split, bs):
+        for b in iter_array_batches(split, bs):
             out.append(method.predict(model, method.to_batch(b), cfg).float().cpu().numpy().reshape(-1))
     return np.concatenate(out)
 
@@ -596,6 +591,7 @@ def video_report(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
     """The ``after_train`` entries shared by the video methods: protocol, cross-domain metrics,
     robustness sweep (table + plot), ablation runs; also prints and writes ``video_summary.txt``."""
     from trustlab.methods.video import robustness
+    from trustlab.platform.train import write_json
 
     source, targets = protocol(cfg)
     model.eval()
@@ -617,7 +613,10 @@ def video_report(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
             out["ablation"].update(run_ablations(method, cfg, model, data, run_dir))
         else:
             out["ablation"] = {"skipped": f"ablations are trained in mode=train only (mode={cfg.get('mode')})"}
-    lines = summary_lines(out, full)
+    if _REPORTS:  # streamed sets: bad files of every split read, training included
+        out["data_errors"] = bad_file_summary()
+        write_json(os.path.join(run_dir, "bad_files.json"), out["data_errors"])
+    lines = summary_lines(out, full) + bad_file_lines(out.get("data_errors") or {})
     with open(os.path.join(run_dir, "video_summary.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

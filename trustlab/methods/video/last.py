@@ -57,7 +57,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trustlab.methods.video import common as V
-from trustlab.platform.method import MethodBase
 from trustlab.platform.registry import register_method
 
 
@@ -274,11 +273,8 @@ def domain_of(cfg: dict, name) -> int:
 
 
 @register_method("last")
-class LAST(MethodBase):
+class LAST:
     modality = "video"
-
-    def __init__(self):
-        self._steps = 0  # adapt-stage step counter (per process) for the target-weight ramp
 
     def stages(self, cfg: dict) -> list[str]:
         return ["pretrain_ssl", "adapt"]
@@ -309,22 +305,20 @@ class LAST(MethodBase):
         return {"train": train, "val": data["val"]}
 
     def build_model(self, cfg: dict, stage: str) -> nn.Module:
-        self._steps = 0
         return LASTNet(cfg, stage)
 
-    def configure_optimizer(self, model, cfg, stage):
+    def configure_optimizer(self, model, cfg, stage, steps_per_epoch=None):
         t = cfg["trainer"]
         lr = float(cfg["method"]["lr"].get(stage) or t["lr"])
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                  weight_decay=float(t["weight_decay"]))
 
-    def loss_step(self, model, batch, stage, cfg):
+    def loss_step(self, model, batch, stage, cfg, step=None):
         if stage == "pretrain_ssl":
             x = batch["x"]
             return ssl_losses(model, x, cfg)
-        if model.training:
-            self._steps += 1
-        return adapt_losses(model, batch, cfg, self._steps)
+        # the target-weight ramp counts this step too (1 at the first adapt step)
+        return adapt_losses(model, batch, cfg, (step.done if step else 0) + (1 if model.training else 0))
 
     def predict(self, model, batch, cfg):
         """Scores; a ``domain`` column (target test splits carry one) picks the standardisation."""

@@ -41,7 +41,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trustlab.methods.video import common as V
-from trustlab.platform.method import MethodBase
 from trustlab.platform.registry import register_method
 
 
@@ -151,7 +150,7 @@ def ssl_losses(model: NACONet, x: torch.Tensor, cfg: dict) -> dict:
 
 
 @register_method("naco")
-class NACO(MethodBase):
+class NACO:
     modality = "video"
 
     def stages(self, cfg: dict) -> list[str]:
@@ -174,13 +173,13 @@ class NACO(MethodBase):
     def build_model(self, cfg: dict, stage: str) -> nn.Module:
         return NACONet(cfg, stage)
 
-    def configure_optimizer(self, model, cfg, stage):
+    def configure_optimizer(self, model, cfg, stage, steps_per_epoch=None):
         t = cfg["trainer"]
         lr = float(cfg["method"]["lr"].get(stage) or t["lr"])
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                  weight_decay=float(t["weight_decay"]))
 
-    def loss_step(self, model, batch, stage, cfg):
+    def loss_step(self, model, batch, stage, cfg, step=None):
         x = batch["x"]
         if model.training:
             x = V.augment_clip(x)

@@ -31,7 +31,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trustlab.methods.video import common as V
-from trustlab.platform.method import MethodBase
 from trustlab.platform.registry import register_method
 
 
@@ -120,7 +119,7 @@ def bare_backbone(cfg: dict) -> nn.Module:
 
 
 @register_method("stdt")
-class STDT(MethodBase):
+class STDT:
     modality = "video"
 
     def build_data(self, cfg: dict) -> dict:
@@ -132,7 +131,7 @@ class STDT(MethodBase):
     def stage_epochs(self, cfg: dict, stage: str) -> int:
         return int(cfg["method"].get("epochs") or cfg["trainer"]["epochs"])
 
-    def configure_optimizer(self, model, cfg, stage):
+    def configure_optimizer(self, model, cfg, stage, steps_per_epoch=None):
         t = cfg["trainer"]
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                  lr=float(cfg["method"].get("lr") or t["lr"]), weight_decay=float(t["weight_decay"]))
@@ -140,7 +139,7 @@ class STDT(MethodBase):
     def build_model(self, cfg: dict, stage: str) -> nn.Module:
         return STDTNet(cfg)
 
-    def loss_step(self, model, batch, stage, cfg):
+    def loss_step(self, model, batch, stage, cfg, step=None):
         x = batch["x"]
         if model.training:
             x = V.augment_clip(x)

@@ -52,17 +52,16 @@ SWAPS = ("blend", "warp")  # manipulations that paste another identity's face
 
 
 def shared_real_dir() -> str | None:
-    """``../shared/data/real`` next to the repository (or ``$TRUSTLAB_SHARED/data/real``)."""
-    cands = []
+    """The real test files (``data/real`` of the shared folder): ``$TRUSTLAB_SHARED/data/real``
+    when that variable is set, else ``../shared/data/real`` beside the repository (where CI and
+    the sessions keep it); None when neither exists (the generated sets then use scikit-image's
+    astronaut only)."""
     if os.environ.get("TRUSTLAB_SHARED"):
-        cands.append(os.path.join(os.environ["TRUSTLAB_SHARED"], "data", "real"))
+        d = os.path.join(os.environ["TRUSTLAB_SHARED"], "data", "real")
+        return d if os.path.isdir(d) else None
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    cands.append(os.path.join(os.path.dirname(repo), "shared", "data", "real"))
-    cands.append("/work/shared/data/real")
-    for c in cands:
-        if os.path.isdir(c):
-            return c
-    return None
+    d = os.path.join(os.path.dirname(repo), "shared", "data", "real")
+    return d if os.path.isdir(d) else None
 
 
 def _load_rgb(path: str) -> np.ndarray:

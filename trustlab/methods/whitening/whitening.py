@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trustlab.platform.method import MethodBase
+from trustlab.platform.method import to_batch
 from trustlab.platform.registry import register_method
 
 KINDS = ("none", "blend", "warp")  # manipulation kind ids used in batches (``kind``)
@@ -273,24 +273,10 @@ def cosine_schedule(opt: torch.optim.Optimizer, total_steps: int, warmup_frac: f
 
 
 # ----------------------------------------------------------------------------- method
-def _worker_loop(config: dict) -> None:
-    """The generic Ray Train loop, with this worker's training arrays made available to
-    ``Whitening.validate`` for the per-epoch recalibration of the whitening statistics."""
-    import ray
-
-    from trustlab.platform.registry import get_method
-    from trustlab.platform.train import worker_loop
-
-    method = get_method(config["cfg"]["method"]["name"])
-    method._calib = ray.get(config["data_ref"]).get("train") if config.get("data_ref") is not None else None
-    worker_loop(config)
-
-
 @register_method("whitening")
-class Whitening(MethodBase):
+class Whitening:
     modality = "face"
     BATCH_KEYS = ("x", "y", "vid", "mask", "kind")
-    _calib = None  # training arrays for recalibration (set per worker process by _worker_loop)
 
     def build_data(self, cfg: dict) -> dict:
         from trustlab.methods.whitening import face_manip
@@ -307,20 +293,17 @@ class Whitening(MethodBase):
             a["kind"] = np.array([KINDS.index(k) for k in a["manipulation"]], np.int64)
         return data
 
-    def worker_loop_for(self, stage: str):
-        return _worker_loop
-
-    def validate(self, model, stage, cfg, batches, rank, world, device, gather) -> dict:
+    def validate(self, model, stage, cfg, batches, ctx) -> dict:
         """Recalibrate the whitening statistics on training images (eval mode, the same images on
         every rank), then the generic detection validation metrics."""
         from trustlab.platform.train import detection_validation
 
         net = model.module if hasattr(model, "module") else model
-        if self._calib is not None:
-            calibrate(net, self._calib, int(cfg["method"]["calib_samples"]))
-        return detection_validation(self, model, cfg, batches, world, device)
+        if ctx.data.get("train") is not None:
+            calibrate(net, ctx.data["train"], int(cfg["method"]["calib_samples"]))
+        return detection_validation(ctx.method, model, cfg, batches, ctx)
 
-    def configure_optimizer(self, model, cfg: dict, stage: str):
+    def configure_optimizer(self, model, cfg: dict, stage: str, steps_per_epoch=None):
         """AdamW (peak lr ``method.lr`` or trainer.lr; trainer.weight_decay) with
         ``method.lr_schedule``: ``cosine`` = a linear warm-up over ``method.warmup_frac`` of the
         steps, then cosine decay to zero; ``constant``."""
@@ -329,9 +312,8 @@ class Whitening(MethodBase):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                 weight_decay=float(t["weight_decay"]))
         if m.get("lr_schedule", "constant") == "cosine":
-            n = len(self._calib["y"]) if self._calib is not None else int(m["data"]["n_train"])
-            world = max(1, int(t.get("num_workers", 1)))
-            per_epoch = -(-(n // world) // int(t["batch_size"]))
+            per_epoch = steps_per_epoch or -(-(int(m["data"]["n_train"]) // max(1, int(t.get("num_workers", 1))))
+                                             // int(t["batch_size"]))
             cosine_schedule(opt, self.stage_epochs(cfg, stage) * per_epoch, float(m.get("warmup_frac", 0.05)))
         return opt
 
@@ -342,9 +324,9 @@ class Whitening(MethodBase):
         return WhiteningNet(cfg)
 
     def to_batch(self, arrays: dict) -> dict:
-        return super().to_batch({k: v for k, v in arrays.items() if k in self.BATCH_KEYS})
+        return to_batch({k: v for k, v in arrays.items() if k in self.BATCH_KEYS})
 
-    def loss_step(self, model, batch, stage, cfg):
+    def loss_step(self, model, batch, stage, cfg, step=None):
         net = model.module if hasattr(model, "module") else model
         x = batch["x"]
         mask = batch.get("mask")
