@@ -123,16 +123,26 @@ def ray_head():
                   + _pids_using(f"haproxy-serve/{node_id}/"))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train fastest on one intra-op thread (and do not spin on a busy machine);
-    the previous thread count is restored afterwards."""
+def _single_thread():
     import torch
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one intra-op thread (and do not spin on a busy machine);
+    the previous thread count is restored afterwards."""
+    yield from _single_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """``one_thread`` for a whole test module (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    yield from _single_thread()
 
 
 @pytest.fixture(scope="session")

@@ -9,30 +9,25 @@ import torch
 
 from conftest import compose
 from trustlab.methods.fscil.cd2 import Head, adaptive_alpha, dcm_loss, ddm_matching_loss, ddm_synthesize
-from trustlab.methods.fscil import engine as fscil
+from trustlab.methods.fscil import engine
+from trustlab.methods.fscil.protocol import protocol_of
 from trustlab.platform.registry import get_method
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is fastest and avoids oversubscribing a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread
 
 
 def _digits_by_class():
     from trustlab.methods.fscil.digits import digits_images
 
     x, y = digits_images()
-    return fscil.as_float(x), torch.as_tensor(y)
+    return engine.as_float(x), torch.as_tensor(y)
 
 
 @pytest.mark.parametrize("init", ["noise", "real"])
 def test_ddm_reduces_its_matching_loss(init):
     torch.manual_seed(0)
-    backbone = fscil.SmallConvNet(1, 8, width=16, depth=3)
+    backbone = engine.SmallConvNet(1, 8, width=16, depth=3)
     x, y = _digits_by_class()
     classes = [0, 3, 7]
     for mod in backbone.modules():  # calibrate BatchNorm statistics on the data (a random net, not a trained one)
@@ -96,10 +91,10 @@ def test_cd2_beats_finetuning_on_digits_in_process():
     cfg = compose(["method=cd2", "method.base.epochs=15", "method.ddm.steps=300"])
     m = get_method("cd2")
     data = m.build_data(cfg)
-    model = fscil.fit_inprocess(m, cfg, data)
-    p = m.protocol(cfg)
-    acc = fscil.session_accuracies(lambda x, s: m.session_logits(model, x, s), data["test"], p)
-    ft = fscil.finetune_baseline(m.base_encoder(model), m.base_classifier(model), data, p, 100, 1e-3, 1)
+    model = engine.fit_inprocess(cfg, data)
+    p = protocol_of(cfg)
+    acc = engine.session_accuracies(lambda x, s: m.session_logits(model, x, s), data["test"], p)
+    ft = engine.finetune_baseline(m.base_encoder(model), m.base_classifier(model), data, p, 100, 1e-3, 1)
     assert acc[0] == ft[0] > 90.0  # same base model
     assert acc[-1] >= ft[-1] + 10.0, (acc, ft)
     assert acc[-1] > 45.0  # 10 classes: far above chance

@@ -14,13 +14,7 @@ from trustlab.methods.deocclusion import masks
 from trustlab.methods.deocclusion.synth_identities import build_identity_set, make_split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is fastest, and avoids oversubscribing a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny tensors: one intra-op thread
 
 
 def _emb(n=24, d=16, seed=0):

@@ -11,27 +11,21 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from trustlab.methods.fscil import engine as fscil
-from trustlab.methods.fscil.engine import Protocol
+from trustlab.methods.fscil import engine, protocol
+from trustlab.methods.fscil.protocol import Protocol
 
 SMALL = Protocol(n_base=3, n_sessions=2, ways=2, shots=2)  # 7 classes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is fastest and avoids oversubscribing a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread
 
 
 # ----------------------------------------------------------------------------- protocol / splits
 def test_protocol_arithmetic():
-    p = fscil.PROTOCOLS["cifar100"]
+    p = protocol.PROTOCOLS["cifar100"]
     assert (p.n_classes, p.n_seen(0), p.n_seen(1), p.n_seen(8)) == (100, 60, 65, 100)
     assert list(p.session_classes(3)) == list(range(70, 75))
-    assert fscil.PROTOCOLS["cub200"].n_classes == 200 and fscil.PROTOCOLS["cub200"].n_seen(10) == 200
+    assert protocol.PROTOCOLS["cub200"].n_classes == 200 and protocol.PROTOCOLS["cub200"].n_seen(10) == 200
     np.testing.assert_array_equal(p.class_session([0, 59, 60, 64, 65, 99]), [0, 0, 1, 1, 2, 8])
 
 
@@ -66,7 +60,7 @@ def test_digits_splits_no_leaks_exact_shots_and_seeded():
     assert not df["image_id"].equals(other["image_id"])
     data = build_digits(p, 0, 50, 30, 20)
     assert data["train"]["x"].shape[1:] == (1, 8, 8) and data["train"]["x"].dtype == np.uint8
-    assert len(data["test"]["y"]) == 500 and (fscil.session_split(data["train"], 2)["y"] >= 6).all()
+    assert len(data["test"]["y"]) == 500 and (protocol.session_split(data["train"], 2)["y"] >= 6).all()
     # arrays carry the manifest's images: the same pixels as scikit-learn's digit of that id
     from sklearn.datasets import load_digits
 
@@ -83,21 +77,21 @@ def test_check_manifest_rejects_leaks_and_wrong_shot_counts():
     leak = df.copy()
     leak.loc[(leak["label"] == 5) & (leak["split"] == "train"), "session"] = 2
     with pytest.raises(ValueError, match="leak"):
-        fscil.check_manifest(leak, p)
+        protocol.check_manifest(leak, p)
     extra = pd.concat([df, df[(df["label"] == 4) & (df["split"] == "test")].head(1).assign(split="train", uri="x#new")])
     with pytest.raises(ValueError, match="exactly 5"):
-        fscil.check_manifest(extra, p)
+        protocol.check_manifest(extra, p)
     dup = pd.concat([df, df[df["split"] == "test"].head(1).assign(split="val")])
     with pytest.raises(ValueError, match="two"):
-        fscil.check_manifest(dup, p)
+        protocol.check_manifest(dup, p)
 
 
 # ----------------------------------------------------------------------------- metrics
 def test_pd_average_last_arithmetic():
-    r = fscil.summarize_sessions([83.32, 70.0, 57.36])
+    r = engine.summarize_sessions([83.32, 70.0, 57.36])
     assert r["pd"] == pytest.approx(83.32 - 57.36) and r["last"] == 57.36 and r["first"] == 83.32
     assert r["average"] == pytest.approx((83.32 + 70.0 + 57.36) / 3)
-    assert fscil.performance_drop([50.0, 60.0]) == pytest.approx(-10.0)
+    assert engine.performance_drop([50.0, 60.0]) == pytest.approx(-10.0)
 
 
 def test_session_accuracy_counts_only_seen_classes():
@@ -105,10 +99,10 @@ def test_session_accuracy_counts_only_seen_classes():
     y = np.array([0, 0, 1, 1, 2, 2, 3, 3])
     test = {"x": np.zeros((8, 1, 2, 2), np.uint8), "y": y}
     # a model that always says class 1 (among the seen ones): 1/2 of base rows, then 2/6, 2/8
-    accs = fscil.session_accuracies(lambda x, s: torch.tensor([[0.0, 1.0, 0.5, 0.5]]).expand(len(x), 4), test, p)
+    accs = engine.session_accuracies(lambda x, s: torch.tensor([[0.0, 1.0, 0.5, 0.5]]).expand(len(x), 4), test, p)
     assert accs == pytest.approx([50.0, 100 * 2 / 6, 25.0])
     # scores for unseen classes are ignored even if they are the largest
-    accs = fscil.session_accuracies(lambda x, s: torch.tensor([[1.0, 0.0, 0.0, 9.0]]).expand(len(x), 4), test, p)
+    accs = engine.session_accuracies(lambda x, s: torch.tensor([[1.0, 0.0, 0.0, 9.0]]).expand(len(x), 4), test, p)
     assert accs[0] == pytest.approx(50.0) and accs[2] == pytest.approx(25.0)
 
 
@@ -138,21 +132,21 @@ def _cifar_tree(root, n_classes=7, per_train=4, per_test=2):
 
 def test_cifar100_adapter_on_tiny_tree(tmp_path):
     _cifar_tree(str(tmp_path))
-    df = fscil.cifar100_manifest(str(tmp_path), p=SMALL, val_per_class=1, seed=0)
+    df = protocol.cifar100_manifest(str(tmp_path), p=SMALL, val_per_class=1, seed=0)
     _assert_valid_sessions(df, SMALL)
     assert (df.groupby("split").size().to_dict()) == {"train": 3 * 3 + 8, "val": 3, "test": 14}
     assert df.loc[df["label"] == 5, "orig_label"].unique().tolist() == [5]
-    data = fscil.load_manifest(df, size=16, channels=3)
+    data = protocol.load_manifest(df, size=16, channels=3)
     assert data["train"]["x"].shape[1:] == (3, 16, 16)
     for split in data.values():  # pixels say which original class each row is
         np.testing.assert_array_equal(split["x"][:, 0, 0, 0], [_color(c) for c in split["y"]])
-    path = fscil.write_manifest(df, str(tmp_path / "m.parquet"))
-    assert fscil.read_manifest(path).equals(df)
+    path = protocol.write_manifest(df, str(tmp_path / "m.parquet"))
+    assert protocol.read_manifest(path).equals(df)
     # a session that re-uses a base class is rejected
     with open(tmp_path / "index_list" / "cifar100" / "session_3.txt", "a") as f:
         f.write("0\n")
     with pytest.raises(ValueError):
-        fscil.cifar100_manifest(str(tmp_path), p=SMALL)
+        protocol.cifar100_manifest(str(tmp_path), p=SMALL)
 
 
 def test_cifar100_adapter_base_from_labels_without_base_list(tmp_path):
@@ -160,7 +154,7 @@ def test_cifar100_adapter_base_from_labels_without_base_list(tmp_path):
     os.remove(os.path.join(idx, "session_1.txt"))
     os.rename(os.path.join(idx, "session_2.txt"), os.path.join(idx, "session_1.txt"))
     os.rename(os.path.join(idx, "session_3.txt"), os.path.join(idx, "session_2.txt"))
-    df = fscil.cifar100_manifest(str(tmp_path), p=SMALL)
+    df = protocol.cifar100_manifest(str(tmp_path), p=SMALL)
     _assert_valid_sessions(df, SMALL)
     assert (df[(df["split"] == "train") & (df["session"] == 0)].groupby("label").size() == 4).all()
 
@@ -192,10 +186,10 @@ def test_mini_imagenet_adapter_on_tiny_tree(tmp_path):
     for k, names in enumerate(sess, start=1):
         with open(os.path.join(idx, f"session_{k}.txt"), "w") as f:
             f.write("\n".join(f"MINI-ImageNet/train/{n[:6]}/{n}" for n in names) + "\n")
-    df = fscil.mini_imagenet_manifest(root, p=SMALL)
+    df = protocol.mini_imagenet_manifest(root, p=SMALL)
     _assert_valid_sessions(df, SMALL)
     assert len(df[df["split"] == "test"]) == 14
-    data = fscil.load_manifest(df, size=8, channels=3)
+    data = protocol.load_manifest(df, size=8, channels=3)
     for split in data.values():
         np.testing.assert_allclose(split["x"][:, 0, 4, 4], [_color(c) for c in split["y"]], atol=3)
 
@@ -225,10 +219,10 @@ def test_cub200_adapter_on_tiny_tree(tmp_path):
     for k, rels in enumerate(sess, start=1):
         with open(os.path.join(idx, f"session_{k}.txt"), "w") as f:
             f.write("\n".join(f"CUB_200_2011/images/{r}" for r in rels) + "\n")
-    df = fscil.cub200_manifest(root, p=SMALL, val_per_class=1, seed=3)
+    df = protocol.cub200_manifest(root, p=SMALL, val_per_class=1, seed=3)
     _assert_valid_sessions(df, SMALL)
     assert len(df[df["split"] == "test"]) == 14 and len(df[df["split"] == "val"]) == 3
-    data = fscil.load_manifest(df, size=8, channels=1)
+    data = protocol.load_manifest(df, size=8, channels=1)
     assert data["test"]["x"].shape[1:] == (1, 8, 8)
     for split in data.values():
         np.testing.assert_allclose(split["x"][:, 0, 4, 4], [_color(c) for c in split["y"]], atol=3)
@@ -239,9 +233,9 @@ def test_generated_set_is_cifar_layout_and_seeded(tmp_path):
 
     root = build_tree(str(tmp_path), 0, SMALL, train_per_class=6, test_per_class=3)
     assert build_tree(str(tmp_path), 0, SMALL, 6, 3) == root  # cached
-    df = fscil.cifar100_manifest(root, p=SMALL, val_per_class=2, seed=0, source="synth")
+    df = protocol.cifar100_manifest(root, p=SMALL, val_per_class=2, seed=0, source="synth")
     _assert_valid_sessions(df, SMALL)
-    data = fscil.load_manifest(df, size=16, channels=3)
+    data = protocol.load_manifest(df, size=16, channels=3)
     x = data["test"]["x"].astype(float)
     # instances of one class look more alike than instances of different classes
     y = data["test"]["y"]
@@ -277,7 +271,7 @@ def test_baselines_prototypes_remember_finetune_forgets():
     data = _toy_data(p)
     enc = nn.Identity()
     clf = nn.Linear(8, p.n_base)
-    proto = fscil.prototype_baseline(enc, data, p)
+    proto = engine.prototype_baseline(enc, data, p)
     assert min(proto) > 95.0  # separable clusters: nearest class mean is right
     torch.manual_seed(0)
     enc = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
@@ -289,33 +283,33 @@ def test_baselines_prototypes_remember_finetune_forgets():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    ft = fscil.finetune_baseline(enc, clf, data, p, steps=100, lr=0.01)
+    ft = engine.finetune_baseline(enc, clf, data, p, steps=100, lr=0.01)
     assert ft[0] > 95.0 and ft[-1] < 60.0, ft  # trained on new classes only: the old ones are lost
-    assert fscil.prototype_baseline(enc, data, p)[-1] > ft[-1] + 20
+    assert engine.prototype_baseline(enc, data, p)[-1] > ft[-1] + 20
 
 
 def test_table_and_plot(tmp_path):
-    res = {"m": fscil.summarize_sessions([90, 80, 70]), "finetune": fscil.summarize_sessions([90, 40, 20])}
-    t = fscil.session_table(res)
+    res = {"m": engine.summarize_sessions([90, 80, 70]), "finetune": engine.summarize_sessions([90, 40, 20])}
+    t = engine.session_table(res)
     assert list(t.columns) == ["method", "s0", "s1", "s2", "average", "pd", "last"]
     assert t.loc[t["method"] == "finetune", "pd"].item() == 70
-    png = fscil.session_plot(res, str(tmp_path / "s.png"))
+    png = engine.session_plot(res, str(tmp_path / "s.png"))
     assert os.path.getsize(png) > 1000
     import json
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps(dict(res["m"], method="m", baselines={"finetune": res["finetune"]})))
-    assert set(fscil.runs_results([str(run)])) == {"m", "finetune"}
+    assert set(engine.runs_results([str(run)])) == {"m", "finetune"}
 
 
 def test_random_shift_moves_content_without_loss():
     x = torch.zeros(64, 1, 8, 8)
     x[:, :, 3:5, 3:5] = 1.0
-    y = fscil.random_shift(x, 1, torch.Generator().manual_seed(0))
+    y = engine.random_shift(x, 1, torch.Generator().manual_seed(0))
     assert torch.equal(y.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))
     assert (y != x).any(dim=(1, 2, 3)).float().mean() > 0.6
-    assert torch.equal(fscil.random_shift(x, 0), x)
+    assert torch.equal(engine.random_shift(x, 0), x)
 
 
 @pytest.mark.parametrize("name", ["cd2", "sdc"])

@@ -18,13 +18,8 @@ TINY = ["method.data.backend=memory", "method.data.size=32", "method.data.frames
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared 2-CPU machine: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny tensors: one intra-op thread
+
 
 def cfg_of(*ov):
     return compose(["method=last", *TINY, *ov])

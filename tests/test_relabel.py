@@ -11,13 +11,7 @@ from trustlab.methods.relabel import relabel as R
 from trustlab.methods.relabel import attribution as A
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is fastest, and avoids oversubscribing a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny tensors: one intra-op thread
 
 
 @pytest.fixture(scope="module")

@@ -3,24 +3,20 @@ the static memory is never rewritten by later sessions, the projector learns, an
 fine-tuning on digits in-process (no Ray)."""
 import copy
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import compose
-from trustlab.methods.fscil.sdc import Projector, fused_logits
-from trustlab.methods.fscil import engine as fscil
+from trustlab.methods.fscil.sdc import SDC, Projector, fused_logits
+from trustlab.methods.fscil import engine, protocol
+from trustlab.methods.fscil.protocol import protocol_of
 from trustlab.platform.registry import get_method
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is fastest and avoids oversubscribing a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread
 
 
 def test_projector_starts_as_identity_and_fused_score_is_static():
@@ -43,27 +39,26 @@ def trained():
     m = get_method("sdc")
     data = m.build_data(cfg)
     snaps = {}
-    orig = m.learn_session
+    orig = SDC.learn_session
 
-    def spy(model, s, d, c, rank, world, gather):  # snapshot the static memory before each session
+    def spy(self, model, s, ctx):  # snapshot the static memory before each session
         snaps[s] = (model.protos.clone(), copy.deepcopy(model.backbone.state_dict()))
-        return orig(model, s, d, c, rank, world, gather)
+        return orig(self, model, s, ctx)
 
-    m.learn_session = spy
     try:
-        model = fscil.fit_inprocess(m, cfg, data)
+        with mock.patch.object(SDC, "learn_session", spy):  # the registered object itself holds no state
+            model = engine.fit_inprocess(cfg, data)
     finally:
-        del m.learn_session
         torch.set_num_threads(n)
     return m, cfg, data, model, snaps, time.time() - t0
 
 
 def test_static_memory_is_retained(trained):
     m, cfg, data, model, snaps, _ = trained
-    p = m.protocol(cfg)
-    base = fscil.session_split(data["train"], 0)
+    p = protocol_of(cfg)
+    base = protocol.session_split(data["train"], 0)
     with torch.no_grad():
-        f = model.backbone(fscil.as_float(base["x"]))
+        f = model.backbone(engine.as_float(base["x"]))
     y = torch.as_tensor(base["y"])
     means = torch.stack([f[y == c].mean(0) for c in range(p.n_base)])
     assert torch.allclose(model.protos[: p.n_base], means, atol=1e-4)  # base prototypes = class means
@@ -82,9 +77,9 @@ def test_sdc_beats_finetuning_on_digits_in_process(trained):
     """The Done-when claim, without Ray: SDC's last-session accuracy on digits (4 base + 3 x
     2-way 5-shot) is >= 10 points above fine-tuning from the same base model."""
     m, cfg, data, model, _, secs = trained
-    p = m.protocol(cfg)
-    acc = fscil.session_accuracies(lambda x, s: m.session_logits(model, x, s), data["test"], p)
-    ft = fscil.finetune_baseline(m.base_encoder(model), m.base_classifier(model), data, p, 100, 1e-3, 1)
+    p = protocol_of(cfg)
+    acc = engine.session_accuracies(lambda x, s: m.session_logits(model, x, s), data["test"], p)
+    ft = engine.finetune_baseline(m.base_encoder(model), m.base_classifier(model), data, p, 100, 1e-3, 1)
     assert acc[0] == ft[0] > 90.0
     assert acc[-1] >= ft[-1] + 10.0, (acc, ft)
     assert acc[-1] > 45.0

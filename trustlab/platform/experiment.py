@@ -56,7 +56,7 @@ def evaluate_and_report(cfg, method, model, data, run_dir, fname="metrics.json",
     from trustlab.platform.plots import roc_plot
     from trustlab.platform.train import write_json
 
-    if hasattr(method, "evaluate"):
+    if method.has("evaluate"):
         metrics = method.evaluate(cfg, model, data, run_dir)
         metrics.update(extra or {})
         write_json(os.path.join(run_dir, fname), metrics)
@@ -67,7 +67,7 @@ def evaluate_and_report(cfg, method, model, data, run_dir, fname="metrics.json",
             m, (y, s, _) = evaluate_split(method, model, data[split], cfg)
             metrics[split] = m
             curves[f"{split} frame"] = (y, s)
-    if hasattr(method, "after_train"):
+    if method.has("after_train"):
         metrics.update(method.after_train(cfg, model, data, run_dir) or {})
     if extra:
         metrics.update(extra)

@@ -65,6 +65,7 @@ class WorkerContext:
         self.seed = int(cfg["seed"])
         self.done = 0  # optimizer steps of this stage taken so far (restored with the checkpoint)
         self.history: list[dict] = []
+        self.best_state, self.best_score = None, -math.inf  # local runs: the best-validated model state
         self.validate = validate  # run the per-epoch validation (a local run may skip it)
         self.verbose = verbose
         if threads:  # one worker's share of the cores; more threads than that slow a shared machine
@@ -86,10 +87,13 @@ class WorkerContext:
                    init_from=config.get("init_from"), ray_session=True)
 
     @classmethod
-    def local(cls, cfg: dict, stage: str, data: dict, epochs: int | None = None, init_from=None) -> "WorkerContext":
+    def local(cls, cfg: dict, stage: str, data: dict, epochs: int | None = None, init_from=None,
+              validate: bool = False) -> "WorkerContext":
+        """One process, no Ray. With ``validate`` each epoch is validated and ``best_state`` keeps
+        the model state a Ray stage's checkpoint ranking would select (best ``val_score``)."""
         method = get_method(cfg["method"]["name"])
         n = method.stage_epochs(cfg, stage) if epochs is None else epochs
-        return cls(cfg, stage, n, data=data, init_from=init_from, threads=False, validate=False, verbose=False)
+        return cls(cfg, stage, n, data=data, init_from=init_from, threads=False, validate=validate, verbose=False)
 
     # ---- model and restore
     def build_model(self, to_device: bool = True) -> torch.nn.Module:
@@ -197,6 +201,9 @@ class WorkerContext:
         metrics = {**metrics, "epoch": epoch, "stage": self.stage}
         self.history.append(metrics)
         if not self.ray_session:
+            if model is not None and metrics.get("val_score", -math.inf) > self.best_score:
+                self.best_score = metrics["val_score"]
+                self.best_state = {k: v.detach().clone() for k, v in ck.unwrap(model).state_dict().items()}
             return
         import ray.train
 

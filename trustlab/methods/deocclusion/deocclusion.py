@@ -22,14 +22,10 @@ Stages (each one Ray Train run; the best checkpoint of one initialises the next)
    weighted separately) + non-saturating adversarial loss + an identity-preservation loss
    (``completion.id_weight``: ``1 - cos`` between the frozen teacher's embeddings of the
    completed and the original face; our addition, a common ingredient of face-completion GANs).
-   Without it the completion is a plausible but generic face (default run: teacher on completed
-   faces 0.924 test masked-pair accuracy, and the student with completion did no better than the
-   one without, 0.965 vs 0.969); with it the fill carries the identity cues the teacher reads,
-   predicted from the visible face (default run: teacher on completed 0.953; student with
-   completion 0.970 acc / 0.9959 AUC / 0.904 TAR@FAR=0.01 vs without 0.968 / 0.9948 / 0.879),
-   at the price of a blurrier fill (test hole L1 0.123 instead of 0.099). The masks leave most
-   of the identity visible, so completion, which cannot add information the visible face lacks,
-   gains most at low FAR and little in balanced accuracy.
+   Without it the completion is a plausible but generic face; with it the fill carries the
+   identity cues the teacher reads, predicted from the visible face, at the price of a blurrier
+   fill (figures: docs/results.md). The masks leave most of the identity visible, so completion,
+   which cannot add information the visible face lacks, gains most at low FAR.
 3. ``student_nocomp`` (generic loop; ablation, ``method.ablation``): a student trained on the
    masked faces directly, with the same distillation, initialisation, budget, batches and the
    same synthetic mask on the same face at the same step (like-for-like).

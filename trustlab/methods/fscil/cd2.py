@@ -45,19 +45,20 @@ What this module does (our choices are marked):
   as old classes outnumber new ones. Both DCM terms are exactly zero when the two heads agree.
 
 Ray Train: stage ``base`` is the generic loop; stage ``incremental`` is
-``trustlab.methods.fscil.engine.incremental_worker`` (one report per session).
+``trustlab.methods.fscil.engine.incremental_worker`` (one report per session). ``CD2`` inherits
+nothing: what it shares with SDC is a one-line call into ``engine`` / ``protocol``.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trustlab.methods.fscil.engine import (FSCILMethod, SmallConvNet, as_float, broadcast_module, encode,
-                                     imprint_rows, random_shift, session_split)
+from trustlab.methods.fscil import engine
+from trustlab.methods.fscil.engine import SmallConvNet, as_float, encode, imprint_rows, random_shift
+from trustlab.methods.fscil.protocol import build_data, input_shape, protocol_of, session_split
 from trustlab.platform.registry import register_method
 
 
@@ -184,12 +185,49 @@ def adaptive_alpha(alpha: float, n_old: int, n_new: int, adaptive: bool = True) 
 
 
 @register_method("cd2")
-class CD2(FSCILMethod):
+class CD2:
+    modality = "fscil"
+
+    # ---- the Method contract; the FSCIL engine does what CD² shares with SDC
+    def stages(self, cfg: dict) -> list[str]:
+        return list(engine.STAGES)
+
+    def build_data(self, cfg: dict) -> dict:
+        return build_data(cfg)
+
+    def stage_data(self, cfg: dict, stage: str, data: dict) -> dict:
+        return engine.stage_data(cfg, stage, data)
+
+    def stage_epochs(self, cfg: dict, stage: str) -> int:
+        return engine.stage_epochs(cfg, stage)
+
+    def stage_selects(self, cfg: dict, stage: str) -> bool:
+        return engine.stage_selects(cfg, stage)
+
+    def worker_loop_for(self, stage: str):
+        return engine.worker_loop_for(stage)
+
+    def configure_optimizer(self, model, cfg: dict, stage: str, steps_per_epoch=None):
+        return engine.base_optimizer(model, cfg)
+
+    def loss_step(self, model, batch: dict, stage: str, cfg: dict, step=None) -> dict:
+        return engine.base_loss(self, model, batch, cfg)
+
+    def validate(self, model, stage: str, cfg: dict, batches, ctx) -> dict:
+        return engine.base_validation(self, model, cfg, batches, ctx)
+
+    def predict(self, model, batch: dict, cfg: dict) -> torch.Tensor:
+        return engine.predict(self, model, batch, cfg)
+
+    def evaluate(self, cfg: dict, model, data: dict, run_dir: str) -> dict:
+        return engine.evaluate(self, cfg, model, data, run_dir)
+
     def build_model(self, cfg: dict, stage: str) -> nn.Module:
-        ch, size = self.input_shape(cfg)
-        p = self.protocol(cfg)
+        ch, size = input_shape(cfg)
+        p = protocol_of(cfg)
         return CD2Net(cfg, ch, size, p.n_sessions, p.n_classes)
 
+    # ---- FSCIL hooks (engine.SessionLearner)
     def session_logits(self, model, x, s: int):
         return model.heads[s](model.backbone(x))
 
@@ -200,11 +238,12 @@ class CD2(FSCILMethod):
         return model.heads[0].fc
 
     # ---- DDM over classes, split across ranks
-    def _distill(self, model, classes, x, y, cfg, rank, world, gather, head) -> dict:
+    def _distill(self, model, classes, x, y, ctx, head) -> dict:
         """Memory for ``classes`` from their real images ``x`` (uint8/float, labels ``y``)."""
+        cfg = ctx.cfg
         dd = cfg["method"]["ddm"]
         k = model.memory.shape[1]
-        mine = [c for i, c in enumerate(classes) if i % world == rank]
+        mine = [c for i, c in enumerate(classes) if i % ctx.world == ctx.rank]
         out = {}
         if mine:
             gen = torch.Generator().manual_seed(int(cfg["seed"]) * 7919 + int(mine[0]))
@@ -220,7 +259,7 @@ class CD2(FSCILMethod):
             imgs, hist = ddm_synthesize(model.backbone, targets, init, int(dd["steps"]), float(dd["lr"]),
                                         float(dd["momentum"]), head, torch.as_tensor(mine), float(dd["guide"]))
             out = {"classes": mine, "images": imgs, "start": hist[0] * len(mine), "end": hist[-1] * len(mine)}
-        parts = gather(out)
+        parts = ctx.gather(out)
         start = end = 0.0
         for part in parts:
             if part:
@@ -229,31 +268,30 @@ class CD2(FSCILMethod):
                 start, end = start + part["start"], end + part["end"]
         return {"ddm_loss_start": start / len(classes), "ddm_loss_end": end / len(classes)}
 
-    def begin_incremental(self, model, data, cfg, rank, world, gather):
-        p = self.protocol(cfg)
+    def begin_incremental(self, model, ctx):
+        p = protocol_of(ctx.cfg)
         model.eval()
         model.backbone.requires_grad_(False)
         if bool(model.memory_ready[: p.n_base].all()):
             return None
-        base = session_split(data["train"], 0)
-        return self._distill(model, list(range(p.n_base)), base["x"], base["y"], cfg, rank, world, gather, model.heads[0])
+        base = session_split(ctx.data["train"], 0)
+        return self._distill(model, list(range(p.n_base)), base["x"], base["y"], ctx, model.heads[0])
 
-    def learn_session(self, model, s, data, cfg, rank, world, gather):
-        p = self.protocol(cfg)
+    def learn_session(self, model, s, ctx):
+        p = protocol_of(ctx.cfg)
         model.eval()
         model.backbone.requires_grad_(False)
         info = {}
-        if rank == 0:
-            info = self._train_head(model, s, data, cfg)
-        broadcast_module(model.heads[s], rank, gather)
-        info = gather(info)[0]
-        shots = session_split(data["train"], s)
-        info.update(self._distill(model, list(p.session_classes(s)), shots["x"], shots["y"], cfg, rank, world,
-                                  gather, model.heads[s]))
+        if ctx.rank == 0:
+            info = self._train_head(model, s, ctx.data, ctx.cfg)
+        ctx.broadcast_module(model.heads[s])
+        info = ctx.gather(info)[0]
+        shots = session_split(ctx.data["train"], s)
+        info.update(self._distill(model, list(p.session_classes(s)), shots["x"], shots["y"], ctx, model.heads[s]))
         return info
 
     def _train_head(self, model, s, data, cfg) -> dict:
-        p = self.protocol(cfg)
+        p = protocol_of(cfg)
         m = cfg["method"]
         ss, dc = m["session"], m["dcm"]
         n_old, n_seen = p.n_seen(s - 1), p.n_seen(s)

@@ -2,7 +2,7 @@
 Digits, shipped inside scikit-learn) as the default FSCIL benchmark.
 
 Default protocol (method YAMLs): 4 base classes + 3 sessions of 2-way 5-shot. Splits are seeded
-(``trustlab.methods.fscil.engine.seeded_manifest``): a seeded class order, then per class a seeded
+(``trustlab.methods.fscil.protocol.seeded_manifest``): a seeded class order, then per class a seeded
 test set, a validation set (base classes: selects the base model; new classes: monitoring and
 Tune only, never trained on) and the training pool (base: all of it; new: exactly ``shots``).
 Pixel values 0..16 are scaled to uint8 0..255; images are 1 x 8 x 8.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trustlab.methods.fscil.engine import Protocol, arrays_from_manifest, seeded_manifest
+from trustlab.methods.fscil.protocol import Protocol, arrays_from_manifest, seeded_manifest
 
 
 def digits_images() -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +32,7 @@ def digits_manifest(p: Protocol, seed: int, test_per_class: int, val_per_class: 
 
 def build_digits(p: Protocol, seed: int, test_per_class: int = 50, val_per_class: int = 30,
                  val_novel_per_class: int = 0, class_order=None) -> dict:
-    """``{train, val, test}`` arrays (``x, y, vid, session``) for the FSCIL engine."""
+    """``{train, val, test}`` arrays (``x, y, vid, session``) for the FSCIL methods."""
     x, _ = digits_images()
     df = digits_manifest(p, seed, test_per_class, val_per_class, val_novel_per_class, class_order)
     return arrays_from_manifest(df, x[df["image_id"].to_numpy()])

@@ -1,49 +1,34 @@
-"""Few-shot class-incremental learning (FSCIL): the session protocol engine.
+"""FSCIL engine: what CD² and SDC share beyond the protocol (``protocol.py``), as functions they call.
 
-Protocol. A benchmark has ``n_base`` base classes (session 0, all their training images) and
-``n_sessions`` incremental sessions of ``ways`` new classes with exactly ``shots`` training images
-each. After session ``s`` a model is tested on the test images of every class seen so far
-(``n_base + s * ways`` classes). Classes are renumbered in session order, so class ``c`` belongs
-to session ``0`` if ``c < n_base`` and to ``1 + (c - n_base) // ways`` otherwise, and "seen at
-session s" is simply ``label < n_seen(s)``.
-
-Standard splits (the index lists of Tao et al., "Few-Shot Class-Incremental Learning", CVPR 2020,
-as redistributed with CEC, Zhang et al., CVPR 2021): CIFAR-100 and miniImageNet 60 base classes
-+ 8 sessions of 5-way 5-shot, CUB-200 100 + 10 sessions of 10-way 5-shot. Their
-``session_<k>.txt`` files (k = 1 is the base session) list training images: integer row indices
-into CIFAR-100's ``train`` pickle, ``.../<file>.jpg`` paths whose basename is a miniImageNet image,
-``CUB_200_2011/images/<class>/<file>.jpg`` paths for CUB. ``cifar100_manifest``,
-``mini_imagenet_manifest`` and ``cub200_manifest`` read those layouts (tested on tiny trees) and
-write one manifest: ``uri, label, orig_label, split, session, image_id, source`` where ``label``
-is the session-ordered class index, ``session`` the session that introduces the class, and
-``split`` one of train / val / test (val rows are carved from base training images, seeded, for
-selecting the base model; the test split is never used for selection). ``check_manifest``
-verifies a manifest: no class in two sessions, exactly ``shots`` training images per new class,
-no image in two splits.
+Driving. An FSCIL method runs as two Ray Train stages. ``base`` is the platform's generic loop
+with ``base_loss``, ``base_optimizer`` and ``base_validation`` (cross-entropy on the base
+classes; checkpoints ranked by base-class validation accuracy). ``incremental`` is
+``incremental_worker``, i.e. ``run_sessions`` on a ``WorkerContext``: ``begin_incremental`` once,
+``learn_session`` for each session, one ``report`` per session. ``fit_inprocess`` runs both stages
+in one process without Ray on ``WorkerContext.local``. A method is a plain class that delegates
+its Method members to the functions here and supplies the ``SessionLearner`` hooks; its model
+keeps one head per session so that every session's model can be evaluated from the final
+checkpoint. Config read here: ``method.base`` (epochs, lr, weight decay, shift),
+``method.baselines`` (fine-tune steps / lr) and ``method.session.shift``. The base stage runs on
+the GPU when the cluster has one; the incremental stage and the driver-side evaluation use CPU
+tensors (few-shot sessions are small). This module names no method.
 
 Metrics. ``session_accuracies`` gives top-1 accuracy (percent) over all seen classes after each
 session; ``summarize_sessions`` adds the average and the performance drop PD = first - last.
 ``finetune_baseline`` (all weights fine-tuned on each session's shots) and
 ``prototype_baseline`` (frozen encoder, nearest class-mean by cosine) run from a method's base
 model. ``session_table`` / ``session_plot`` write the per-session CSV and the accuracy-per-session
-PNG; ``python -m trustlab.methods.fscil.engine plot RUN_DIR... -o out.png`` draws several runs (every
-method and baseline) in one plot.
-
-``FSCILMethod`` drives a method through the platform with two Ray Train stages: ``base``
-(the generic loop: cross-entropy on base classes, ``validate`` reports base-class validation
-accuracy as ``val_score``) and ``incremental`` (``incremental_worker``: one
-``ray.train.report`` per session). A method implements ``build_model``, ``loss_step``,
-``begin_incremental``, ``learn_session``, ``session_logits``, ``base_encoder``,
-``base_classifier``; the model keeps one head per session so that every session's model can be
-evaluated from the final checkpoint. This module names no method.
+PNG; ``python -m trustlab.methods.fscil.engine plot RUN_DIR... -o out.png`` draws several runs
+(every method and baseline) in one plot.
 """
 from __future__ import annotations
 
 import copy
 import math
 import os
-import pickle
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict
+from typing import Protocol as TypingProtocol
 
 import numpy as np
 import pandas as pd
@@ -51,332 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trustlab.platform.method import MethodBase
-
-
-# ============================================================================ protocol
-@dataclass(frozen=True)
-class Protocol:
-    n_base: int      # classes of the base session (session 0)
-    n_sessions: int  # incremental sessions after the base one
-    ways: int        # new classes per incremental session
-    shots: int       # training images per new class
-
-    @property
-    def n_classes(self) -> int:
-        return self.n_base + self.n_sessions * self.ways
-
-    def n_seen(self, s: int) -> int:
-        return self.n_base + s * self.ways
-
-    def session_classes(self, s: int) -> range:
-        return range(0, self.n_base) if s == 0 else range(self.n_seen(s - 1), self.n_seen(s))
-
-    def class_session(self, c) -> np.ndarray:
-        c = np.asarray(c)
-        return np.where(c < self.n_base, 0, 1 + (c - self.n_base) // self.ways)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Protocol":
-        return cls(int(d["n_base"]), int(d["n_sessions"]), int(d["ways"]), int(d["shots"]))
-
-
-PROTOCOLS = {
-    "cifar100": Protocol(60, 8, 5, 5),
-    "mini_imagenet": Protocol(60, 8, 5, 5),
-    "cub200": Protocol(100, 10, 10, 5),
-}
-
-# per benchmark: default protocol, channels and side fed to the backbone (``method.data.*: null``)
-BENCHMARKS = {
-    "digits": (Protocol(4, 3, 2, 5), 1, 8),
-    "synth": (Protocol(60, 8, 5, 5), 3, 16),
-    "cifar100": (PROTOCOLS["cifar100"], 3, 32),
-    "mini_imagenet": (PROTOCOLS["mini_imagenet"], 3, 84),
-    "cub200": (PROTOCOLS["cub200"], 3, 224),
-}
-
-MANIFEST_COLUMNS = ["uri", "label", "orig_label", "split", "session", "image_id", "source"]
-
-
-# ============================================================================ manifests
-def check_manifest(df: pd.DataFrame, p: Protocol) -> None:
-    """Raise ``ValueError`` unless ``df`` is a valid FSCIL manifest for protocol ``p``."""
-    if set(df["label"].unique()) != set(range(p.n_classes)):
-        raise ValueError(f"labels must be exactly 0..{p.n_classes - 1}")
-    if not np.array_equal(df["session"].to_numpy(), p.class_session(df["label"].to_numpy())):
-        raise ValueError("a row's session does not match its class (class leaks between sessions)")
-    if df.groupby("label")["orig_label"].nunique().max() != 1 or df.groupby("orig_label")["label"].nunique().max() != 1:
-        raise ValueError("orig_label <-> label is not one-to-one")
-    if df["uri"].duplicated().any():
-        dup = df.loc[df["uri"].duplicated(keep=False)].sort_values("uri").head(4)
-        raise ValueError(f"an image appears in two rows/splits: {dup[['uri', 'split']].values.tolist()}")
-    tr = df[df["split"] == "train"]
-    counts = tr.groupby("label").size().reindex(range(p.n_classes), fill_value=0)
-    novel = counts.iloc[p.n_base:]
-    if (novel != p.shots).any():
-        bad = novel[novel != p.shots]
-        raise ValueError(f"novel classes need exactly {p.shots} training images; got {bad.to_dict()}")
-    if (counts.iloc[: p.n_base] < 1).any():
-        raise ValueError("every base class needs training images")
-    if set(df["split"].unique()) - {"train", "val", "test"}:
-        raise ValueError("split must be train, val or test")
-    te = df[df["split"] == "test"].groupby("label").size().reindex(range(p.n_classes), fill_value=0)
-    if (te < 1).any():
-        raise ValueError(f"classes without test images: {te[te < 1].index.tolist()}")
-
-
-def seeded_manifest(labels, p: Protocol, seed: int, test_per_class: int, val_per_class: int,
-                    val_novel_per_class: int = 0, base_train_per_class: int | None = None,
-                    class_order=None, uris=None, source: str = "") -> pd.DataFrame:
-    """Seeded FSCIL splits of one labelled pool (e.g. scikit-learn digits).
-
-    Classes: ``class_order`` (original labels, session order) or a seeded permutation of the
-    pool's labels (the first ``p.n_classes``). Per class, a seeded shuffle gives ``test_per_class``
-    test images, then val images (``val_per_class`` for base classes, ``val_novel_per_class`` for
-    new ones), then the training pool: all of it (or ``base_train_per_class``) for base classes,
-    exactly ``p.shots`` images for new classes. ``uris`` default to ``"<source>#<index>"``.
-    """
-    labels = np.asarray(labels)
-    rng = np.random.default_rng([int(seed), 6])
-    uniq = np.unique(labels)
-    order = list(class_order) if class_order is not None else list(rng.permutation(uniq))
-    if len(order) < p.n_classes:
-        raise ValueError(f"protocol needs {p.n_classes} classes, pool has {len(order)}")
-    rows = []
-    for c, orig in enumerate(order[: p.n_classes]):
-        idx = rng.permutation(np.flatnonzero(labels == orig))
-        s = int(p.class_session(c))
-        nv = val_per_class if s == 0 else val_novel_per_class
-        need = test_per_class + nv + (1 if s == 0 else p.shots)
-        if len(idx) < need:
-            raise ValueError(f"class {orig!r} has {len(idx)} images, needs at least {need}")
-        test, val, pool = idx[:test_per_class], idx[test_per_class:test_per_class + nv], idx[test_per_class + nv:]
-        train = pool[: (base_train_per_class or len(pool))] if s == 0 else pool[: p.shots]
-        for split, ids in (("train", train), ("val", val), ("test", test)):
-            for i in ids:
-                rows.append((uris[i] if uris is not None else f"{source}#{int(i)}", c, orig, split, s, int(i), source))
-    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    check_manifest(df, p)
-    return df
-
-
-def read_index_lists(index_dir: str) -> list[list[str]]:
-    """``session_1.txt`` (base) ... ``session_<N+1>.txt`` of an index-list folder, in order."""
-    names = [f for f in os.listdir(index_dir) if f.startswith("session_") and f.endswith(".txt")]
-    ks = sorted(int(f[len("session_"):-4]) for f in names)
-    if ks != list(range(1, len(ks) + 1)):
-        raise ValueError(f"{index_dir}: expected session_1.txt .. session_{len(ks)}.txt, found {sorted(names)}")
-    out = []
-    for k in ks:
-        with open(os.path.join(index_dir, f"session_{k}.txt")) as f:
-            out.append([ln.strip() for ln in f if ln.strip()])
-    return out
-
-
-def manifest_from_index_lists(train: pd.DataFrame, test: pd.DataFrame, sessions: list[list[str]],
-                              p: Protocol, source: str, val_per_class: int = 0, seed: int = 0,
-                              base_from_labels: bool = False) -> pd.DataFrame:
-    """Assemble a manifest from a dataset's train/test tables (``key, uri, orig_label``) and the
-    index lists (``sessions[0]`` = base session, ``sessions[k]`` = incremental session k, each a
-    list of train keys). Class order: base classes sorted by original label, then each session's
-    classes sorted by original label. ``base_from_labels``: the base session is every training
-    image of the first ``p.n_base`` original labels (when no base list is given)."""
-    if len(sessions) != p.n_sessions + (0 if base_from_labels else 1):
-        raise ValueError(f"expected {p.n_sessions + (0 if base_from_labels else 1)} index lists, got {len(sessions)}")
-    by_key = train.set_index("key")
-    missing = [k for sess in sessions for k in sess if k not in by_key.index]
-    if missing:
-        raise ValueError(f"{len(missing)} index-list entries are not in the dataset, e.g. {missing[:3]}")
-    if base_from_labels:
-        base_labels = sorted(train["orig_label"].unique())[: p.n_base]
-        base_rows = train[train["orig_label"].isin(base_labels)]
-        inc = sessions
-    else:
-        base_rows = by_key.loc[sessions[0]].reset_index()
-        inc = sessions[1:]
-    order = sorted(base_rows["orig_label"].unique())
-    if len(order) != p.n_base:
-        raise ValueError(f"base session has {len(order)} classes, protocol says {p.n_base}")
-    sess_rows = []
-    for s, keys in enumerate(inc, start=1):
-        r = by_key.loc[keys].reset_index()
-        cls = sorted(r["orig_label"].unique())
-        if len(cls) != p.ways or set(cls) & set(order):
-            raise ValueError(f"session {s}: {len(cls)} classes (want {p.ways}), "
-                             f"{len(set(cls) & set(order))} seen before")
-        order += cls
-        sess_rows.append(r)
-    cmap = {o: i for i, o in enumerate(order)}
-    rng = np.random.default_rng([int(seed), 7])
-    base_rows = base_rows.assign(split="train")
-    if val_per_class:
-        parts = []
-        for _, g in base_rows.groupby("orig_label", sort=True):
-            g = g.iloc[rng.permutation(len(g))].copy()
-            g.iloc[:val_per_class, g.columns.get_loc("split")] = "val"
-            parts.append(g)
-        base_rows = pd.concat(parts)
-    rows = [base_rows] + [r.assign(split="train") for r in sess_rows]
-    rows.append(test[test["orig_label"].isin(cmap)].assign(split="test"))
-    df = pd.concat(rows, ignore_index=True)
-    df["label"] = df["orig_label"].map(cmap).astype(np.int64)
-    df["session"] = p.class_session(df["label"].to_numpy())
-    df["image_id"] = np.arange(len(df))
-    df["source"] = source
-    df = df[MANIFEST_COLUMNS]
-    check_manifest(df, p)
-    return df
-
-
-def cifar100_manifest(root: str, index_dir: str | None = None, p: Protocol = PROTOCOLS["cifar100"],
-                      val_per_class: int = 0, seed: int = 0, source: str = "cifar100") -> pd.DataFrame:
-    """CIFAR-100 python layout: ``<root>/cifar-100-python/{train,test}`` pickles (``data`` rows of
-    3*32*32 uint8, ``fine_labels``); index lists (default ``<root>/index_list/cifar100``) hold
-    integer row indices into ``train``. Without ``session_1.txt`` the base session is every
-    training image of classes 0..n_base-1 (as CEC does)."""
-    index_dir = index_dir or os.path.join(root, "index_list", "cifar100")
-    tabs = {}
-    for split in ("train", "test"):
-        path = os.path.join(root, "cifar-100-python", split)
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
-        y = np.asarray(d["fine_labels"])
-        tabs[split] = pd.DataFrame({"key": [str(i) for i in range(len(y))],
-                                    "uri": [f"{path}#{i}" for i in range(len(y))], "orig_label": y})
-    sessions = read_index_lists(index_dir)
-    sessions = [[str(int(k)) for k in s] for s in sessions]
-    base_from_labels = len(sessions) == p.n_sessions
-    return manifest_from_index_lists(tabs["train"], tabs["test"], sessions, p, source, val_per_class, seed,
-                                     base_from_labels=base_from_labels)
-
-
-def mini_imagenet_manifest(root: str, index_dir: str | None = None, p: Protocol = PROTOCOLS["mini_imagenet"],
-                           val_per_class: int = 0, seed: int = 0) -> pd.DataFrame:
-    """miniImageNet FSCIL layout: ``<root>/miniimagenet/images/<file>.jpg`` and
-    ``<root>/miniimagenet/split/{train,test}.csv`` (``filename,label`` with a wnid label; class
-    ids follow the wnids' first appearance in ``train.csv``); index lists (default
-    ``<root>/index_list/mini_imagenet``) hold paths whose basename is the image file."""
-    index_dir = index_dir or os.path.join(root, "index_list", "mini_imagenet")
-    img_dir = os.path.join(root, "miniimagenet", "images")
-    wnids: dict[str, int] = {}
-    tabs = {}
-    for split in ("train", "test"):
-        t = pd.read_csv(os.path.join(root, "miniimagenet", "split", f"{split}.csv"))
-        t.columns = ["filename", "wnid"]
-        if split == "train":
-            for w in t["wnid"]:
-                wnids.setdefault(w, len(wnids))
-        tabs[split] = pd.DataFrame({"key": t["filename"], "uri": [os.path.join(img_dir, f) for f in t["filename"]],
-                                    "orig_label": t["wnid"].map(wnids).astype(np.int64)})
-    sessions = [[os.path.basename(k) for k in s] for s in read_index_lists(index_dir)]
-    return manifest_from_index_lists(tabs["train"], tabs["test"], sessions, p, "mini_imagenet", val_per_class, seed)
-
-
-def cub200_manifest(root: str, index_dir: str | None = None, p: Protocol = PROTOCOLS["cub200"],
-                    val_per_class: int = 0, seed: int = 0) -> pd.DataFrame:
-    """CUB-200-2011 layout: ``<root>/CUB_200_2011/{images.txt, train_test_split.txt,
-    image_class_labels.txt, images/<class>/<file>.jpg}``; index lists (default
-    ``<root>/index_list/cub200``) hold ``CUB_200_2011/images/<class>/<file>.jpg`` paths."""
-    index_dir = index_dir or os.path.join(root, "index_list", "cub200")
-    base = os.path.join(root, "CUB_200_2011")
-
-    def table(name):
-        return pd.read_csv(os.path.join(base, name), sep=r"\s+", header=None, names=["id", "v"], dtype=str)
-
-    ims, tt, cl = table("images.txt"), table("train_test_split.txt"), table("image_class_labels.txt")
-    df = ims.merge(tt, on="id", suffixes=("", "_train")).merge(cl, on="id", suffixes=("", "_cls"))
-    df = pd.DataFrame({"key": "images/" + df["v"], "uri": [os.path.join(base, "images", v) for v in df["v"]],
-                       "orig_label": df["v_cls"].astype(np.int64) - 1, "is_train": df["v_train"] == "1"})
-    train = df[df["is_train"]].drop(columns="is_train")
-    test = df[~df["is_train"]].drop(columns="is_train")
-
-    def key(line):
-        i = line.find("images/")
-        if i < 0:
-            raise ValueError(f"CUB index-list entry without images/: {line!r}")
-        return line[i:]
-
-    sessions = [[key(k) for k in s] for s in read_index_lists(index_dir)]
-    return manifest_from_index_lists(train, test, sessions, p, "cub200", val_per_class, seed)
-
-
-def write_manifest(df: pd.DataFrame, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    (df.to_parquet if path.endswith(".parquet") else df.to_csv)(path, index=False)
-    return path
-
-
-def read_manifest(path: str) -> pd.DataFrame:
-    return pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
-
-
-def _fit(img: np.ndarray, size: int | None, channels: int) -> np.ndarray:
-    """HxWxC uint8 -> C x size x size uint8 (area resampling, grey <-> RGB as asked)."""
-    from PIL import Image
-
-    im = Image.fromarray(img if img.shape[2] > 1 else img[..., 0])
-    im = im.convert("L" if channels == 1 else "RGB")
-    if size and im.size != (size, size):
-        im = im.resize((size, size), Image.BOX)
-    a = np.asarray(im)
-    return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)).copy()
-
-
-def fetch_images(uris, size: int | None, channels: int = 3, endpoint: str | None = None) -> np.ndarray:
-    """Decode ``uris`` into N x C x size x size uint8. ``path#i`` is row ``i`` of a pickled
-    array file (CIFAR layout: ``data`` rows of C*S*S channel-major bytes); anything else is an
-    image file, local or ``s3://``."""
-    import io
-
-    from PIL import Image
-
-    from trustlab.platform import storage
-
-    cache: dict[str, np.ndarray] = {}
-    out = []
-    for uri in uris:
-        if "#" in uri:
-            path, i = uri.rsplit("#", 1)
-            if path not in cache:
-                raw = storage.read_bytes(path, endpoint) if storage.is_s3(path) else open(path, "rb").read()
-                cache[path] = np.asarray(pickle.loads(raw, encoding="latin1")["data"], dtype=np.uint8)
-            row = cache[path][int(i)]
-            side = int(round(math.sqrt(row.size / 3)))
-            img = row.reshape(3, side, side).transpose(1, 2, 0)
-        else:
-            raw = storage.read_bytes(uri, endpoint) if storage.is_s3(uri) else open(uri, "rb").read()
-            img = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
-        out.append(_fit(img, size, channels))
-    return np.stack(out)
-
-
-def arrays_from_manifest(df: pd.DataFrame, images: np.ndarray) -> dict:
-    """``{split: {x, y, vid, session}}`` from a manifest and its decoded images (row-aligned)."""
-    out = {}
-    for split in ("train", "val", "test"):
-        m = (df["split"] == split).to_numpy()
-        if m.any():
-            out[split] = {"x": images[m], "y": df["label"].to_numpy(np.int64)[m],
-                          "vid": df["image_id"].to_numpy(np.int64)[m],
-                          "session": df["session"].to_numpy(np.int64)[m]}
-    return out
-
-
-def load_manifest(df_or_path, size: int | None, channels: int = 3, endpoint: str | None = None) -> dict:
-    df = read_manifest(df_or_path) if isinstance(df_or_path, str) else df_or_path
-    return arrays_from_manifest(df, fetch_images(df["uri"].tolist(), size, channels, endpoint))
-
-
-def session_split(arrays: dict, session: int) -> dict:
-    """Rows of a split whose class was introduced in ``session``."""
-    m = arrays["session"] == session
-    return {k: v[m] for k, v in arrays.items()}
-
-
-def seen_split(arrays: dict, p: Protocol, session: int) -> dict:
-    m = arrays["y"] < p.n_seen(session)
-    return {k: v[m] for k, v in arrays.items()}
+from trustlab.methods.fscil.protocol import Protocol, protocol_of, seen_split, session_split
+from trustlab.platform.registry import get_method
+from trustlab.platform.train import WorkerContext, run_epochs
 
 
 # ============================================================================ models, augmentation
@@ -565,296 +227,182 @@ def finetune_baseline(encoder: nn.Module, classifier: nn.Linear, data: dict, p: 
         accs.append(100.0 * c / max(1, n))
     return accs
 
+# ============================================================================ session driving
+class SessionLearner(TypingProtocol):
+    """The FSCIL hooks the functions below call on a method (besides the Method members)."""
 
-# ============================================================================ Ray Train worker
-def gather_objects(obj, world: int) -> list:
-    if world <= 1:
-        return [obj]
-    import torch.distributed as dist
+    name: str
 
-    out = [None] * world
-    dist.all_gather_object(out, obj)
+    def session_logits(self, model, x: torch.Tensor, s: int) -> torch.Tensor:
+        """Scores of float images ``x`` by session ``s``'s model, over at least ``n_seen(s)`` classes."""
+
+    def base_encoder(self, model) -> nn.Module:
+        """The base model's feature extractor (the baselines start from it)."""
+
+    def base_classifier(self, model) -> nn.Linear:
+        """The base model's linear classifier over the base classes."""
+
+    def begin_incremental(self, model, ctx: WorkerContext) -> dict | None:
+        """Once, before session 1, on every rank (e.g. freeze the backbone, write base-class memory)."""
+
+    def learn_session(self, model, s: int, ctx: WorkerContext) -> dict | None:
+        """Learn session ``s`` from ``ctx.data``; every rank must end with the same model."""
+
+
+STAGES = ("base", "incremental")
+
+
+def stage_epochs(cfg: dict, stage: str) -> int:
+    """Base: ``method.base.epochs``; incremental: one "epoch" (report) per session."""
+    return int(cfg["method"]["base"]["epochs"]) if stage == "base" else protocol_of(cfg).n_sessions
+
+
+def stage_selects(cfg: dict, stage: str) -> bool:
+    return stage == "base"  # incremental: the latest checkpoint (after the last session)
+
+
+def stage_data(cfg: dict, stage: str, data: dict) -> dict:
+    """Base: the base classes' rows; incremental: train and val, never the test split."""
+    if stage == "base":
+        out = {"train": session_split(data["train"], 0)}
+        if "val" in data:
+            out["val"] = session_split(data["val"], 0)
+        return out
+    return {k: v for k, v in data.items() if k in ("train", "val")}
+
+
+def worker_loop_for(stage: str):
+    return incremental_worker if stage == "incremental" else None
+
+
+def base_optimizer(model: nn.Module, cfg: dict):
+    b = cfg["method"]["base"]
+    return torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=float(b["lr"]),
+                             weight_decay=float(b["weight_decay"]))
+
+
+def base_loss(method: SessionLearner, model, batch: dict, cfg: dict) -> dict:
+    """Cross-entropy of session 0's logits on base classes (random shifts while training)."""
+    x = batch["x"]
+    if model.training:
+        x = random_shift(x, int(cfg["method"]["base"]["shift"]))
+    logits = method.session_logits(model, x, 0)
+    loss = F.cross_entropy(logits, batch["y"])
+    return {"loss": loss, "acc": (logits.argmax(1) == batch["y"]).float().mean()}
+
+
+def base_validation(method: SessionLearner, model, cfg: dict, batches, ctx: WorkerContext) -> dict:
+    """Base-class validation accuracy over every rank's share; ``val_score`` = ``val_acc``."""
+    model.eval()
+    correct = count = 0
+    with torch.no_grad():
+        for b in batches:
+            lg = method.session_logits(model, as_float(b["x"]).to(ctx.device), 0)
+            correct += int((lg.argmax(1).cpu().numpy() == np.asarray(b["y"])).sum())
+            count += len(b["y"])
+    parts = ctx.gather((correct, count))
+    acc = sum(c for c, _ in parts) / max(1, sum(n for _, n in parts))
+    return {"val_acc": acc, "val_score": acc}
+
+
+def session_val_metrics(method: SessionLearner, model, val: dict | None, p: Protocol, s: int) -> dict:
+    """Validation accuracy after session ``s``: base classes and every seen class with val rows."""
+    if val is None or not len(val["y"]):
+        return {"val_score": float("nan")}
+
+    def fn(x, ss):
+        return method.session_logits(model, x, ss)[:, : p.n_seen(ss)]
+
+    cb, nb = split_accuracy(fn, val, s, val["y"] < p.n_base)
+    ca, na = split_accuracy(fn, val, s, val["y"] < p.n_seen(s))
+    return {"val_base_acc": cb / max(1, nb), "val_acc": ca / max(1, na), "val_score": ca / max(1, na)}
+
+
+def predict(method: SessionLearner, model, batch: dict, cfg: dict) -> torch.Tensor:
+    """The final session's predicted class (as a float score)."""
+    p = protocol_of(cfg)
+    return method.session_logits(model, batch["x"], p.n_sessions)[:, : p.n_classes].argmax(1).float()
+
+
+def evaluate(method: SessionLearner, cfg: dict, model, data: dict, run_dir: str) -> dict:
+    """The whole ``metrics.json``: accuracy per session of the method and both baselines (from the
+    same base model), ``sessions.csv`` and ``sessions.png``, base/novel test accuracy after the last
+    session and base-class validation accuracy of the base model."""
+    p, name = protocol_of(cfg), method.name
+    model.eval()
+    torch.manual_seed(int(cfg["seed"]))
+    accs = session_accuracies(lambda x, s: method.session_logits(model, x, s), data["test"], p)
+    bl = cfg["method"]["baselines"]
+    ft = finetune_baseline(method.base_encoder(model), method.base_classifier(model), data, p, int(bl["steps"]),
+                           float(bl["lr"]), int(cfg["method"]["session"]["shift"]), int(cfg["seed"]))
+    proto = prototype_baseline(method.base_encoder(model), data, p)
+    results = {name: summarize_sessions(accs), "finetune": summarize_sessions(ft),
+               "prototype": summarize_sessions(proto)}
+    table = session_table(results)
+    table.to_csv(os.path.join(run_dir, "sessions.csv"), index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 40):
+        print(f"[{name}] accuracy (%) over seen classes after each session "
+              f"({p.n_base} base + {p.n_sessions} x {p.ways}-way {p.shots}-shot):\n{table.to_string(index=False)}",
+              flush=True)
+    session_plot(results, os.path.join(run_dir, "sessions.png"),
+                 f"{name}: {cfg['method']['data']['benchmark']} {p.n_base}+{p.n_sessions}x{p.ways}w{p.shots}s")
+
+    def fn(x, s):
+        return method.session_logits(model, x, s)[:, : p.n_seen(s)]
+
+    te, last = data["test"], p.n_sessions
+    cb, nb = split_accuracy(fn, te, last, te["y"] < p.n_base)
+    cn, nn_ = split_accuracy(fn, te, last, te["y"] >= p.n_base)
+    out = dict(results[name])
+    out.update(method=name, unit="percent", protocol=asdict(p),
+               baselines={"finetune": results["finetune"], "prototype": results["prototype"]},
+               test={"all_seen": {"acc": accs[-1] / 100.0, "n": int(len(te["y"]))},
+                     "base": {"acc": cb / max(1, nb), "n": nb}, "novel": {"acc": cn / max(1, nn_), "n": nn_}})
+    if "val" in data:
+        c0, n0 = split_accuracy(fn, data["val"], 0, data["val"]["y"] < p.n_base)
+        out["val"] = {"base": {"acc": c0 / max(1, n0), "n": n0}}
     return out
 
 
-def broadcast_module(module: nn.Module, rank: int, gather) -> None:
-    """Make every rank's ``module`` equal to rank 0's."""
-    state = gather({k: v.detach().cpu() for k, v in module.state_dict().items()} if rank == 0 else None)[0]
-    if rank != 0:
-        module.load_state_dict(state)
+def run_sessions(ctx: WorkerContext) -> nn.Module:
+    """The incremental stage on one worker: the base model (``ctx.build_model``, kept on the CPU),
+    ``begin_incremental`` once, ``learn_session`` for each session, and one report per session
+    (``epoch`` = session) with base-class and seen-class validation accuracy. A resumed run
+    continues after the last reported session. Every rank reports the same number of times."""
+    method = ctx.method
+    p = protocol_of(ctx.cfg)
+    model = ctx.build_model(to_device=False)
+    start = ctx.restore(model)
+    if start == 0:
+        t0 = time.time()
+        info = method.begin_incremental(model, ctx) or {}
+        ctx.log(f"prepared in {time.time() - t0:.1f}s " + " ".join(f"{k} {v:.4f}" for k, v in info.items()))
+    for s in range(start + 1, p.n_sessions + 1):
+        t0 = time.time()
+        metrics = {k: float(v) for k, v in (method.learn_session(model, s, ctx) or {}).items()}
+        metrics.update(session_val_metrics(method, model, ctx.data.get("val"), p, s))
+        metrics.update(session=s, train_seconds=time.time() - t0)
+        ctx.log(f"session {s}/{p.n_sessions} in {metrics['train_seconds']:.1f}s: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "train_seconds"))
+        ctx.report(metrics, model, epoch=s)
+    model.eval()
+    return model
 
 
 def incremental_worker(config: dict) -> None:
-    """Per-worker function of an FSCIL method's ``incremental`` stage: loads the base model,
-    runs ``begin_incremental`` once and ``learn_session`` for each session, and reports once per
-    session (``epoch`` = session) with base-class and seen-class validation accuracy; rank 0
-    writes the checkpoint, every rank reports the same number of times."""
-    import ray
-    import ray.train
+    """Per-worker function of an FSCIL method's ``incremental`` stage (``worker_loop_for``)."""
+    run_sessions(WorkerContext.from_ray(config))
 
-    from trustlab.platform import checkpoints as ck
-    from trustlab.platform.registry import get_method
 
-    cfg, stage = config["cfg"], config["stage"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(math.ceil(float(cfg["trainer"]["cpus_per_worker"])))))
+def fit_inprocess(cfg: dict, data: dict) -> nn.Module:
+    """Both stages in one process without Ray (tests, quick experiments), through the same code as
+    on Ray: the base stage in the platform's generic loop, its best-validated epoch kept, then
+    ``run_sessions``. Returns the final model."""
     method = get_method(cfg["method"]["name"])
-    torch.manual_seed(int(cfg["seed"]))
-    model = method.build_model(cfg, stage)
-    if config.get("init_from"):
-        model.load_state_dict(ck.load_state(config["init_from"], cfg["run"].get("s3_endpoint"))["model"], strict=False)
-    start = 0
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        state = ck.load_ray_checkpoint(restored)
-        model.load_state_dict(state["model"])
-        start = int(state["epoch"])
-        if rank == 0:
-            print(f"[{method.name}:{stage}] resumed after session {start}", flush=True)
-    data = ray.get(config["data_ref"])
-    p = method.protocol(cfg)
-
-    def gather(obj):
-        return gather_objects(obj, world)
-
-    import time
-
-    if start == 0:
-        t0 = time.time()
-        info = method.begin_incremental(model, data, cfg, rank, world, gather) or {}
-        if rank == 0:
-            print(f"[{method.name}:{stage}] prepared in {time.time() - t0:.1f}s "
-                  + " ".join(f"{k} {v:.4f}" for k, v in info.items()), flush=True)
-    for s in range(start + 1, p.n_sessions + 1):
-        t0 = time.time()
-        info = method.learn_session(model, s, data, cfg, rank, world, gather) or {}
-        metrics = {k: float(v) for k, v in info.items()}
-        metrics.update(method.val_metrics(model, data.get("val"), cfg, s))
-        metrics.update(epoch=s, session=s, stage=stage, train_seconds=time.time() - t0)
-        ckpt = None
-        if rank == 0:
-            d = ck.temp_dir()
-            ck.save_state(d, model=model.state_dict(), optimizer=None, epoch=s, stage=stage, metrics=metrics, cfg=cfg)
-            ckpt = ray.train.Checkpoint.from_directory(d)
-            print(f"[{method.name}:{stage}] session {s}/{p.n_sessions} in {time.time() - t0:.1f}s: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "train_seconds"),
-                  flush=True)
-        ray.train.report(metrics, checkpoint=ckpt)
-
-
-# ============================================================================ method base
-class FSCILMethod(MethodBase):
-    """Shared driving of FSCIL methods (see the module docstring for what a method supplies).
-
-    Config read here: ``method.data`` (benchmark, protocol, sizes), ``method.base`` (epochs,
-    lr, weight decay, shift), ``method.baselines`` (fine-tune steps / lr) and
-    ``method.session.shift``. The base stage runs on the GPU when the cluster has one; the
-    incremental stage and the driver-side evaluation use CPU tensors (few-shot sessions are
-    small)."""
-
-    modality = "fscil"
-
-    # ---- data
-    def _bench(self, cfg: dict):
-        b = cfg["method"]["data"]["benchmark"]
-        if b not in BENCHMARKS:
-            raise ValueError(f"unknown method.data.benchmark {b!r}; valid: {', '.join(BENCHMARKS)}")
-        return BENCHMARKS[b]
-
-    def protocol(self, cfg: dict) -> Protocol:
-        d = cfg["method"]["data"]
-        return Protocol.from_dict(d["protocol"]) if d.get("protocol") else self._bench(cfg)[0]
-
-    def input_shape(self, cfg: dict) -> tuple[int, int]:
-        d = cfg["method"]["data"]
-        _, ch, size = self._bench(cfg)
-        return int(d.get("channels") or ch), int(d.get("size") or size)
-
-    def build_manifest(self, cfg: dict) -> pd.DataFrame | None:
-        d, p, seed = cfg["method"]["data"], self.protocol(cfg), int(cfg["seed"])
-        if cfg["data"]["name"] != "auto":
-            return read_manifest(cfg["data"]["manifest"])
-        b = d["benchmark"]
-        if b == "digits":
-            return None
-        if b == "synth":
-            from trustlab.methods.fscil.synth_classes import build_tree
-
-            root = build_tree(d["root"], seed, p, int(d["train_per_class"]), int(d["test_per_class"]))
-            return cifar100_manifest(root, p=p, val_per_class=int(d["val_per_class"]), seed=seed, source="synth")
-        adapters = {"cifar100": cifar100_manifest, "mini_imagenet": mini_imagenet_manifest, "cub200": cub200_manifest}
-        return adapters[b](d["root"], d.get("index_dir"), p=p, val_per_class=int(d["val_per_class"]), seed=seed)
-
-    def build_data(self, cfg: dict) -> dict:
-        d = cfg["method"]["data"]
-        ch, size = self.input_shape(cfg)
-        if cfg["data"]["name"] == "auto" and d["benchmark"] == "digits":
-            from trustlab.methods.fscil.digits import build_digits
-
-            return build_digits(self.protocol(cfg), int(cfg["seed"]), int(d["test_per_class"]),
-                                int(d["val_per_class"]), int(d.get("val_novel_per_class", 0)), d.get("class_order"))
-        return load_manifest(self.build_manifest(cfg), size, ch, cfg["run"].get("s3_endpoint"))
-
-    # ---- stages
-    def stages(self, cfg: dict) -> list[str]:
-        return ["base", "incremental"]
-
-    def stage_epochs(self, cfg: dict, stage: str) -> int:
-        return int(cfg["method"]["base"]["epochs"]) if stage == "base" else self.protocol(cfg).n_sessions
-
-    def stage_selects(self, cfg: dict, stage: str) -> bool:
-        return stage == "base"  # incremental: the latest checkpoint (after the last session)
-
-    def stage_data(self, cfg: dict, stage: str, data: dict) -> dict:
-        p = self.protocol(cfg)
-        if stage == "base":
-            out = {"train": session_split(data["train"], 0)}
-            if "val" in data:
-                out["val"] = session_split(data["val"], 0)
-            return out
-        return {k: v for k, v in data.items() if k in ("train", "val")}  # never the test split
-
-    def worker_loop_for(self, stage: str):
-        return incremental_worker if stage == "incremental" else None
-
-    def configure_optimizer(self, model, cfg, stage):
-        b = cfg["method"]["base"]
-        return torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=float(b["lr"]),
-                                 weight_decay=float(b["weight_decay"]))
-
-    # ---- base stage
-    def base_loss(self, model, batch, cfg):
-        x = batch["x"]
-        if model.training:
-            x = random_shift(x, int(cfg["method"]["base"]["shift"]))
-        logits = self.session_logits(model, x, 0)
-        loss = F.cross_entropy(logits, batch["y"])
-        return {"loss": loss, "acc": (logits.argmax(1) == batch["y"]).float().mean()}
-
-    def loss_step(self, model, batch, stage, cfg):
-        return self.base_loss(model, batch, cfg)
-
-    def validate(self, model, stage, cfg, batches, rank, world, device, gather):
-        model.eval()
-        correct = count = 0
-        with torch.no_grad():
-            for b in batches:
-                lg = self.session_logits(model, as_float(b["x"]).to(device), 0)
-                correct += int((lg.argmax(1).cpu().numpy() == np.asarray(b["y"])).sum())
-                count += len(b["y"])
-        parts = gather_objects((correct, count), world)  # (the platform's gather takes (obj, world))
-        acc = sum(c for c, _ in parts) / max(1, sum(n for _, n in parts))
-        return {"val_acc": acc, "val_score": acc}
-
-    def val_metrics(self, model, val: dict | None, cfg: dict, s: int) -> dict:
-        """Validation accuracy after session ``s``: base classes and every seen class with val rows."""
-        if val is None or not len(val["y"]):
-            return {"val_score": float("nan")}
-        p = self.protocol(cfg)
-
-        def fn(x, ss):
-            return self.session_logits(model, x, ss)[:, : p.n_seen(ss)]
-
-        cb, nb = split_accuracy(fn, val, s, val["y"] < p.n_base)
-        ca, na = split_accuracy(fn, val, s, val["y"] < p.n_seen(s))
-        out = {"val_base_acc": cb / max(1, nb), "val_acc": ca / max(1, na)}
-        out["val_score"] = out["val_acc"]
-        return out
-
-    def predict(self, model, batch, cfg):
-        p = self.protocol(cfg)
-        return self.session_logits(model, batch["x"], p.n_sessions)[:, : p.n_classes].argmax(1).float()
-
-    # ---- evaluation
-    def evaluate(self, cfg: dict, model, data: dict, run_dir: str) -> dict:
-        p = self.protocol(cfg)
-        model.eval()
-        torch.manual_seed(int(cfg["seed"]))
-        accs = session_accuracies(lambda x, s: self.session_logits(model, x, s), data["test"], p)
-        bl = cfg["method"]["baselines"]
-        ft = finetune_baseline(self.base_encoder(model), self.base_classifier(model), data, p, int(bl["steps"]),
-                               float(bl["lr"]), int(cfg["method"]["session"]["shift"]), int(cfg["seed"]))
-        proto = prototype_baseline(self.base_encoder(model), data, p)
-        results = {self.name: summarize_sessions(accs), "finetune": summarize_sessions(ft),
-                   "prototype": summarize_sessions(proto)}
-        table = session_table(results)
-        table.to_csv(os.path.join(run_dir, "sessions.csv"), index=False)
-        with pd.option_context("display.width", 200, "display.max_columns", 40):
-            print(f"[{self.name}] accuracy (%) over seen classes after each session "
-                  f"({p.n_base} base + {p.n_sessions} x {p.ways}-way {p.shots}-shot):\n{table.to_string(index=False)}",
-                  flush=True)
-        session_plot(results, os.path.join(run_dir, "sessions.png"),
-                     f"{self.name}: {cfg['method']['data']['benchmark']} {p.n_base}+{p.n_sessions}x{p.ways}w{p.shots}s")
-
-        def fn(x, s):
-            return self.session_logits(model, x, s)[:, : p.n_seen(s)]
-
-        te, last = data["test"], p.n_sessions
-        cb, nb = split_accuracy(fn, te, last, te["y"] < p.n_base)
-        cn, nn_ = split_accuracy(fn, te, last, te["y"] >= p.n_base)
-        out = dict(results[self.name])
-        out.update(method=self.name, unit="percent", protocol=asdict(p),
-                   baselines={"finetune": results["finetune"], "prototype": results["prototype"]},
-                   test={"all_seen": {"acc": accs[-1] / 100.0, "n": int(len(te["y"]))},
-                         "base": {"acc": cb / max(1, nb), "n": nb}, "novel": {"acc": cn / max(1, nn_), "n": nn_}})
-        if "val" in data:
-            c0, n0 = split_accuracy(fn, data["val"], 0, data["val"]["y"] < p.n_base)
-            out["val"] = {"base": {"acc": c0 / max(1, n0), "n": n0}}
-        return out
-
-    # ---- to implement
-    def session_logits(self, model, x, s: int):
-        raise NotImplementedError
-
-    def base_encoder(self, model) -> nn.Module:
-        raise NotImplementedError
-
-    def base_classifier(self, model) -> nn.Linear:
-        raise NotImplementedError
-
-    def begin_incremental(self, model, data, cfg, rank, world, gather) -> dict | None:
-        return None
-
-    def learn_session(self, model, s, data, cfg, rank, world, gather) -> dict | None:
-        raise NotImplementedError
-
-
-# ============================================================================ in-process pipeline
-def fit_inprocess(method: FSCILMethod, cfg: dict, data: dict, log=None):
-    """Base stage (same loss, optimiser, augmentation and val-selected epoch as the Ray stage,
-    one process) then every incremental session; returns the final model. For tests and quick
-    experiments without Ray."""
-    from trustlab.platform.evaluate import iter_array_batches
-
-    torch.manual_seed(int(cfg["seed"]))
-    model = method.build_model(cfg, "base")
-    parts = method.stage_data(cfg, "base", data)
-    opt = method.configure_optimizer(model, cfg, "base")
-    bs = int(cfg["trainer"]["batch_size"])
-    best, best_state = -1.0, None
-    for epoch in range(method.stage_epochs(cfg, "base")):
-        model.train()
-        perm = np.random.default_rng(int(cfg["seed"]) + 1000 * epoch).permutation(len(parts["train"]["y"]))
-        for b in iter_array_batches(parts["train"], bs, perm):
-            out = method.loss_step(model, method.to_batch(b), "base", cfg)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            opt.step()
-        v = method.validate(model, "base", cfg, iter_array_batches(parts["val"], 256), 0, 1, "cpu", lambda o: [o])
-        if v["val_score"] > best:
-            best, best_state = v["val_score"], copy.deepcopy(model.state_dict())
-        if log:
-            log(f"base epoch {epoch + 1}: val_acc {v['val_acc']:.4f}")
-    model.load_state_dict(best_state)
-    model.eval()
-    inc = method.stage_data(cfg, "incremental", data)
-    method.begin_incremental(model, inc, cfg, 0, 1, lambda o: [o])
-    for s in range(1, method.protocol(cfg).n_sessions + 1):
-        info = method.learn_session(model, s, inc, cfg, 0, 1, lambda o: [o]) or {}
-        if log:
-            log(f"session {s}: " + " ".join(f"{k} {float(v):.4f}" for k, v in info.items()))
-    return model
+    base = WorkerContext.local(cfg, "base", method.stage_data(cfg, "base", data), validate=True)
+    run_epochs(base)
+    inc = WorkerContext.local(cfg, "incremental", method.stage_data(cfg, "incremental", data), init_from=base.best_state)
+    return run_sessions(inc)
 
 
 def _main(argv=None) -> int:

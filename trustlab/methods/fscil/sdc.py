@@ -28,7 +28,8 @@ sentences is therefore our choice:
 - Session 0 is the base model itself (linear classifier on the backbone).
 
 Ray Train: rank 0 trains the projector and broadcasts it; every rank computes the (cheap,
-deterministic) static memory itself.
+deterministic) static memory itself. ``SDC`` inherits nothing: what it shares with CD² is a
+one-line call into ``trustlab.methods.fscil.engine`` / ``protocol``.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trustlab.methods.fscil.engine import (FSCILMethod, SmallConvNet, as_float, broadcast_module, encode,
-                                     random_shift, session_split)
+from trustlab.methods.fscil import engine
+from trustlab.methods.fscil.engine import SmallConvNet, as_float, encode, random_shift
+from trustlab.methods.fscil.protocol import build_data, input_shape, protocol_of, session_split
 from trustlab.platform.registry import register_method
 
 
@@ -82,12 +84,49 @@ def fused_logits(f: torch.Tensor, protos: torch.Tensor, proj: nn.Module, mix: fl
 
 
 @register_method("sdc")
-class SDC(FSCILMethod):
+class SDC:
+    modality = "fscil"
+
+    # ---- the Method contract; the FSCIL engine does what SDC shares with CD²
+    def stages(self, cfg: dict) -> list[str]:
+        return list(engine.STAGES)
+
+    def build_data(self, cfg: dict) -> dict:
+        return build_data(cfg)
+
+    def stage_data(self, cfg: dict, stage: str, data: dict) -> dict:
+        return engine.stage_data(cfg, stage, data)
+
+    def stage_epochs(self, cfg: dict, stage: str) -> int:
+        return engine.stage_epochs(cfg, stage)
+
+    def stage_selects(self, cfg: dict, stage: str) -> bool:
+        return engine.stage_selects(cfg, stage)
+
+    def worker_loop_for(self, stage: str):
+        return engine.worker_loop_for(stage)
+
+    def configure_optimizer(self, model, cfg: dict, stage: str, steps_per_epoch=None):
+        return engine.base_optimizer(model, cfg)
+
+    def loss_step(self, model, batch: dict, stage: str, cfg: dict, step=None) -> dict:
+        return engine.base_loss(self, model, batch, cfg)
+
+    def validate(self, model, stage: str, cfg: dict, batches, ctx) -> dict:
+        return engine.base_validation(self, model, cfg, batches, ctx)
+
+    def predict(self, model, batch: dict, cfg: dict) -> torch.Tensor:
+        return engine.predict(self, model, batch, cfg)
+
+    def evaluate(self, cfg: dict, model, data: dict, run_dir: str) -> dict:
+        return engine.evaluate(self, cfg, model, data, run_dir)
+
     def build_model(self, cfg: dict, stage: str) -> nn.Module:
-        ch, size = self.input_shape(cfg)
-        p = self.protocol(cfg)
+        ch, size = input_shape(cfg)
+        p = protocol_of(cfg)
         return SDCNet(cfg, ch, size, [p.n_seen(s) for s in range(p.n_sessions + 1)])
 
+    # ---- FSCIL hooks (engine.SessionLearner)
     def session_logits(self, model, x, s: int):
         f = model.backbone(x)
         if s == 0:
@@ -113,29 +152,30 @@ class SDC(FSCILMethod):
                 var = (len(fc) * var + shrink * base_var) / (len(fc) + shrink)
             model.protos[c], model.var[c], model.ready[c] = mu, var, True
 
-    def begin_incremental(self, model, data, cfg, rank, world, gather):
-        p = self.protocol(cfg)
+    def begin_incremental(self, model, ctx):
+        p = protocol_of(ctx.cfg)
         model.eval()
         model.backbone.requires_grad_(False)
         model.fc.requires_grad_(False)
         if bool(model.ready[: p.n_base].all()):
             return None
-        base = session_split(data["train"], 0)
+        base = session_split(ctx.data["train"], 0)
         self._write_static(model, range(p.n_base), base["x"], base["y"], None)
         return {"static_classes": float(p.n_base)}
 
-    def learn_session(self, model, s, data, cfg, rank, world, gather):
-        p = self.protocol(cfg)
+    def learn_session(self, model, s, ctx):
+        cfg = ctx.cfg
+        p = protocol_of(cfg)
         model.eval()
         model.backbone.requires_grad_(False)
-        shots = session_split(data["train"], s)
+        shots = session_split(ctx.data["train"], s)
         self._write_static(model, p.session_classes(s), shots["x"], shots["y"], float(cfg["method"]["static"]["shrink"]))
-        info = self._train_projector(model, s, shots, cfg) if rank == 0 else {}
-        broadcast_module(model.projectors[s], rank, gather)
-        return gather(info)[0]
+        info = self._train_projector(model, s, shots, cfg) if ctx.rank == 0 else {}
+        ctx.broadcast_module(model.projectors[s])
+        return ctx.gather(info)[0]
 
     def _train_projector(self, model, s, shots, cfg) -> dict:
-        p, pj = self.protocol(cfg), cfg["method"]["projector"]
+        p, pj = protocol_of(cfg), cfg["method"]["projector"]
         n_old, n_seen = p.n_seen(s - 1), p.n_seen(s)
         proj = model.projectors[s]
         prev = model.projectors[s - 1]

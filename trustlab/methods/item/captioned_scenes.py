@@ -322,12 +322,9 @@ def build_manifest(root: str, seed: int, size: int, n_train: int, n_val: int, n_
             rows.append(dict(uri=os.path.join(d, rel), label=label, split=split, image_id=idx, caption=cap,
                              source="rendered", manipulation=manip))
             idx += 1
-    tmp = man + ".tmp"
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    os.replace(tmp, man)
-    with open(os.path.join(d, "params.json"), "w") as f:
-        json.dump(params, f, indent=2)
-    return man
+    from trustlab.platform.data.genimage_synth import write_generated_manifest
+
+    return write_generated_manifest(rows, man, params)
 
 
 def load_captioned_manifest(manifest: str, size: int | None = None, captioner: Captioner | None = None,

@@ -329,6 +329,19 @@ def bad_file_lines(summary: dict) -> list[str]:
     return lines
 
 
+def stage_epochs(cfg: dict, stage: str) -> int:
+    """``method.epochs.<stage>`` (null = ``trainer.epochs``): NACO's and LAST's per-stage budgets."""
+    return int(cfg["method"]["epochs"].get(stage) or cfg["trainer"]["epochs"])
+
+
+def stage_adamw(model, cfg: dict, stage: str):
+    """AdamW over the trainable parameters at ``method.lr.<stage>`` (null = ``trainer.lr``)."""
+    t = cfg["trainer"]
+    lr = float(cfg["method"]["lr"].get(stage) or t["lr"])
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                             weight_decay=float(t["weight_decay"]))
+
+
 def apply_batch_size(cfg: dict) -> None:
     """``method.batch_size`` (per worker; null = leave ``trainer.batch_size``) wins over the
     trainer group's default, which is sized for single images. Written into ``cfg`` before any

@@ -157,7 +157,7 @@ class NACO:
         return ["pretrain_ssl", "finetune_head"]
 
     def stage_epochs(self, cfg: dict, stage: str) -> int:
-        return int(cfg["method"]["epochs"].get(stage) or cfg["trainer"]["epochs"])
+        return V.stage_epochs(cfg, stage)
 
     def stage_selects(self, cfg: dict, stage: str) -> bool:
         return stage != "pretrain_ssl"
@@ -174,10 +174,7 @@ class NACO:
         return NACONet(cfg, stage)
 
     def configure_optimizer(self, model, cfg, stage, steps_per_epoch=None):
-        t = cfg["trainer"]
-        lr = float(cfg["method"]["lr"].get(stage) or t["lr"])
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                 weight_decay=float(t["weight_decay"]))
+        return V.stage_adamw(model, cfg, stage)
 
     def loss_step(self, model, batch, stage, cfg, step=None):
         x = batch["x"]

@@ -17,7 +17,7 @@ standard design, with its knobs in ``experiments/conf/method/whitening.yaml``:
   epoch (in ``validate``) the stored statistics are re-estimated from ``calib_samples`` training
   images with the network in eval mode (like precise-BN): running averages of train-mode
   statistics whiten eval-mode features poorly (upstream batch norm switches to its running
-  statistics; weights kept moving), which we measured as a 3-4x higher test covariance.
+  statistics; weights kept moving): a 3-4x higher test covariance (docs/results.md).
 - The whitened map replaces the stage's output (a forward hook), so the rest of the CNN and its
   classifier run on it. Each whitened channel is one *axis*; an axis's share of a score is read
   as gradient x activation summed over its map.

@@ -84,12 +84,7 @@ def build_manifest(root: str, seed: int, size: int, n_train: int, n_val: int, n_
                              source="natural" if label == 0 else "upsampling_decoder",
                              manipulation="none" if label == 0 else "transposed_conv_x2"))
             idx += 1
-    tmp = man + ".tmp"
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    os.replace(tmp, man)
-    with open(os.path.join(d, "params.json"), "w") as f:
-        json.dump(params, f, indent=2)
-    return man
+    return write_generated_manifest(rows, man, params)
 
 
 def load_image_manifest(manifest: str, size: int | None = None) -> dict:
@@ -108,3 +103,14 @@ def load_image_manifest(manifest: str, size: int | None = None) -> dict:
         out[split] = {"x": np.stack(xs), "y": g["label"].to_numpy(np.int64),
                       "vid": g["image_id"].to_numpy(np.int64)}
     return out
+
+
+def write_generated_manifest(rows: list[dict], man: str, params: dict) -> str:
+    """Write a generated set's ``manifest.csv`` (atomically: a half-written set is never read) and
+    the ``params.json`` beside it that says which parameters made it."""
+    tmp = man + ".tmp"
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    os.replace(tmp, man)
+    with open(os.path.join(os.path.dirname(man), "params.json"), "w") as f:
+        json.dump(params, f, indent=2)
+    return man
