@@ -86,7 +86,7 @@ def checkpoint(root: str, backbone: str, size: int) -> str:
 
 
 def settings(ckpt: str, a, device: str) -> dict:
-    from trustlab.serve.graph import settings_from_args
+    from trustlab.serve.settings import settings_from_args
 
     gpus = 0.5 if device == "cuda" else 0.0
     common = {"checkpoint": ckpt, "num_cpus": a.detector_cpus, "num_gpus": gpus,
@@ -110,7 +110,8 @@ class InProcess:
     """Decode + score in this process: the graph's own code (Preprocessor, DetectorRunner) without Serve."""
 
     def __init__(self, s: dict, bodies: list[bytes], threads: int):
-        from trustlab.serve.graph import DetectorRunner, Preprocessor
+        from trustlab.serve.inputs import Preprocessor
+        from trustlab.serve.runner import DetectorRunner
 
         self.pre = Preprocessor(s)
         self.det = DetectorRunner({**s["detectors"][0], "torch_threads": threads}, s)
@@ -248,12 +249,11 @@ def main():
     import ray
     from ray import serve
 
-    from trustlab.serve.graph import build_app, http_options, logging_config
+    from trustlab.serve.app import build_app
+    from trustlab.serve.settings import apply_cluster_env, http_options, logging_config
 
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from conftest import free_port  # noqa: E402
-
-    from trustlab.serve.graph import apply_cluster_env
 
     apply_cluster_env(s)  # before Ray starts: the cluster's processes inherit it
     ncpu = os.cpu_count()

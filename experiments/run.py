@@ -58,11 +58,7 @@ def main(argv: list[str]) -> int:
         from trustlab.platform.tune import sweep
 
         sweep(cfg)
-    elif mode == "serve" and "detectors" in cfg["serve"]:  # serve=graph: the composed detection graph
-        from trustlab.serve.graph import serve_forever
-
-        serve_forever(cfg)
-    elif mode == "serve":  # serve=default: one detector from one checkpoint
+    elif mode == "serve":  # the detection graph: the run's checkpoint as one detector, or serve.detectors
         from trustlab.serve.app import serve_forever
 
         serve_forever(cfg)

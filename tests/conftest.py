@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # the Serve graph's defaults (serve.proxy: haproxy, serve.throughput_optimized: true) need these in
 # every Ray process from the start: the session's cluster gets them, so the HTTP tests go through the
-# default path (tests/test_serve_graph.py checks they equal trustlab.serve.graph.cluster_env)
+# default path (tests/test_serve_graph.py checks they equal trustlab.serve.settings.cluster_env)
 SERVE_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 for _k, _v in SERVE_CLUSTER_ENV.items():
     os.environ.setdefault(_k, _v)

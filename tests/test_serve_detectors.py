@@ -80,9 +80,9 @@ def test_detector_runner_scores_like_the_model(name, tmp_path):
 
 
 def test_caption_reaches_the_caption_reading_detectors(tmp_path):
-    import inspect
+    from trustlab.serve.runner import serve_adapter
 
-    names = [n for n in _detectors() if "captions" in inspect.signature(get_method(n).serve_inputs).parameters]
+    names = [n for n in _detectors() if serve_adapter(get_method(n)) == "image+caption"]
     assert names, "no registered detector reads captions (ITEM should)"
     for name in names:
         runner, _ = _runner(name, tmp_path / name)

@@ -1,4 +1,4 @@
-"""The composed Serve detection graph (trustlab.serve.graph) over real HTTP on 127.0.0.1, plus the
+"""The composed Serve detection graph (trustlab.serve) over real HTTP on 127.0.0.1, plus the
 fusion arithmetic, the generated Serve config (Ray's ServeDeploySchema + a check that rejects
 unknown keys) and the RayService manifest (against the pinned KubeRay CRD).
 
@@ -86,23 +86,75 @@ def test_fusion_rejects_what_cannot_work(make, msg):
 
 
 # ----------------------------------------------------------------------------- config (plain)
-def test_graph_yaml_holds_every_default_with_a_comment():
-    from trustlab.serve.graph import DEFAULTS
+def test_graph_yaml_is_the_defaults_with_a_comment_on_every_knob():
+    from trustlab.serve.settings import GraphConfigError, graph_defaults, settings_from_args
 
-    assert yaml.safe_load(open(GRAPH_YAML)) == DEFAULTS
+    assert graph_defaults() == yaml.safe_load(open(GRAPH_YAML))
     for line in open(GRAPH_YAML):
         s = line.rstrip("\n")
         if s.strip() and not s.lstrip().startswith("#"):
             assert "#" in s, f"knob without a comment: {s!r}"
+            key, comment = s.split("#", 1)[0].split(":")[0].strip(), s.split("#", 1)[1]
+            if key and key != "-":  # the comment says more than the key's own words
+                assert set(comment.lower().split()) - set(key.lower().replace("_", " ").split()), s
     cfg = compose(["mode=serve", "serve=graph", "serve.detectors=[f2c,stdt]", "serve.checkpoint_root=s3://b/models"])
-    from trustlab.serve.graph import settings_from_args
-
     s = settings_from_args(cfg)
     assert [d["checkpoint"] for d in s["detectors"]] == ["s3://b/models/f2c/model.pt", "s3://b/models/stdt/model.pt"]
-    from trustlab.serve.graph import GraphConfigError
-
-    with pytest.raises(GraphConfigError, match="serve=graph"):  # the single-detector group is not the graph's
+    with pytest.raises(GraphConfigError, match="serve=graph"):  # no detectors and no run checkpoint to serve
         settings_from_args(compose(["mode=serve"]))
+
+
+def _leaf(d, key):
+    for k in key.split("."):
+        d = d[k]
+    return d
+
+
+def test_every_knob_of_graph_yaml_is_checked():
+    """Each knob of graph.yaml has a check, and a value no check accepts is refused naming the knob."""
+    from trustlab.serve.settings import CHECKS, GraphConfigError, leaf_keys, settings_from_args
+
+    knobs = leaf_keys(yaml.safe_load(open(GRAPH_YAML)))
+    assert sorted(knobs) == sorted(CHECKS)
+    base = {"detectors": ["a"], "checkpoint_root": "/m"}
+    for key in knobs:
+        args = copy.deepcopy(base)
+        node = args
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = object()
+        with pytest.raises(GraphConfigError, match=f"serve.{key}"):
+            settings_from_args(args)
+    # and a value of the right kind goes through to the settings the deployments get
+    s = settings_from_args({**base, "max_json_kb": 7, "video": {"min_neighbors": 9}, "replicas": {"ingress": "auto"}})
+    assert (s["max_json_kb"], _leaf(s, "video.min_neighbors"), _leaf(s, "replicas.ingress")) == (7, 9, "auto")
+
+
+def test_graph_defaults_missing_is_a_clear_error(monkeypatch, tmp_path):
+    from trustlab.serve import settings as st
+
+    monkeypatch.setattr(st, "GRAPH_YAML", str(tmp_path / "nope.yaml"))
+    st._load_defaults.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match="experiments/conf/serve/graph.yaml"):
+            st.settings_from_args({"detectors": ["a"], "checkpoint_root": "/m"})
+    finally:
+        st._load_defaults.cache_clear()
+
+
+def test_one_detector_from_the_run_or_serve_checkpoint(tmp_path):
+    from trustlab.serve.settings import GraphConfigError, settings_from_args
+
+    s = settings_from_args(compose(["method=f2c", "mode=serve", "run.name=my-run"], tmp_path))
+    (d,) = s["detectors"]
+    assert d["name"] == "f2c" and d["checkpoint"] == os.path.join(str(tmp_path), "my-run", "checkpoints", "best.pt")
+    s = settings_from_args(compose(["mode=serve", "serve.checkpoint=s3://b/x/model.pt", "run.name=ignored"]))
+    assert [d["checkpoint"] for d in s["detectors"]] == ["s3://b/x/model.pt"] and s["checkpoint"] is None
+    assert settings_from_args(s)["detectors"] == s["detectors"]  # resolved settings read back the same
+    assert settings_from_args({"checkpoint": "/m/a.pt"})["detectors"][0]["name"] == "model"
+    with pytest.raises(GraphConfigError, match="serve.checkpoint serves one detector"):
+        settings_from_args({"checkpoint": "/m/a.pt", "detectors": ["a"], "checkpoint_root": "/m"})
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -122,14 +174,14 @@ def test_graph_yaml_holds_every_default_with_a_comment():
     ({"detectors": ["a"], "checkpoint_root": "/m", "video": {"scale_factor": 1.0}}, "scale_factor"),
 ])
 def test_graph_settings_reject_bad_args(args, msg):
-    from trustlab.serve.graph import GraphConfigError, settings_from_args
+    from trustlab.serve.settings import GraphConfigError, settings_from_args
 
     with pytest.raises(GraphConfigError, match=msg):
         settings_from_args(args)
 
 
 def _settings():
-    from trustlab.serve.graph import settings_from_args
+    from trustlab.serve.settings import settings_from_args
 
     return settings_from_args({"detectors": ["f2c", {"name": "stdt", "checkpoint": "s3://m/stdt.pt", "num_gpus": 0.5,
                                                      "max_batch_size": 16}], "checkpoint_root": "s3://m"})
@@ -143,7 +195,7 @@ def test_serve_config_passes_serve_deploy_schema_and_unknown_keys_are_rejected()
     cfg = cg.serve_config(_settings())
     parsed = cg.validate_serve_config(yaml.safe_load(cg.dump(cfg)))  # round trip through YAML
     (app,) = parsed.applications
-    assert app.import_path == "trustlab.serve.graph:build_app"
+    assert app.import_path == "trustlab.serve.app:build_app"
     deps = {d.name: d for d in app.deployments}
     assert set(deps) == {"ingress", "preprocess", "detector-f2c", "detector-stdt"}
     assert deps["detector-stdt"].user_config == {"max_batch_size": 16, "batch_wait_timeout_s": 0.005}
@@ -192,7 +244,7 @@ def test_rayservice_manifest_matches_crd_embeds_a_valid_serve_config_and_is_curr
     parsed = cg.validate_serve_config(sc)
     assert parsed.http_options.port == 8000 and parsed.http_options.host == "0.0.0.0"
     (app,) = sc["applications"]
-    assert app["import_path"] == "trustlab.serve.graph:build_app"
+    assert app["import_path"] == "trustlab.serve.app:build_app"
     assert all(d["checkpoint"].startswith("s3://") for d in app["args"]["detectors"])
     cluster = doc["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
@@ -218,10 +270,15 @@ def test_rayservice_manifest_matches_crd_embeds_a_valid_serve_config_and_is_curr
 
 def test_served_face_detection_knobs_default_to_the_training_data_planes():
     from trustlab.platform.data.video import DEFAULTS as DATA
-    from trustlab.serve.graph import DEFAULTS
+    from trustlab.serve.settings import FACE_KNOBS, settings_from_args
 
+    assert all(yaml.safe_load(open(GRAPH_YAML))["video"][k] is None for k in FACE_KNOBS)  # set in one place
+    base = {"detectors": ["a"], "checkpoint_root": "/m"}
+    s = settings_from_args(base)
     for k in ("detect_width", "scale_factor", "min_neighbors", "relaxed_neighbors", "face_scale", "smooth"):
-        assert DEFAULTS["video"][k] == DATA[k], k
+        assert s["video"][k] == DATA[k], k
+    over = settings_from_args({**base, "video": {"face_scale": 1.5, "relaxed_neighbors": None}})["video"]
+    assert over["face_scale"] == 1.5 and over["relaxed_neighbors"] == DATA["relaxed_neighbors"]
 
 
 def test_cluster_env_goes_into_an_embedded_cluster_and_a_mismatch_with_a_running_one_is_reported(monkeypatch,
@@ -229,9 +286,9 @@ def test_cluster_env_goes_into_an_embedded_cluster_and_a_mismatch_with_a_running
     import ray
 
     from conftest import SERVE_CLUSTER_ENV
-    from trustlab.serve import graph as g
+    from trustlab.serve import settings as g
 
-    assert g.cluster_env(g.DEFAULTS) == SERVE_CLUSTER_ENV  # the test cluster runs the defaults
+    assert g.cluster_env(g.graph_defaults()) == SERVE_CLUSTER_ENV  # the test cluster runs the defaults
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     for k in g.CLUSTER_ENV_KEYS:
@@ -250,7 +307,7 @@ def test_cluster_env_goes_into_an_embedded_cluster_and_a_mismatch_with_a_running
 
 
 def test_serve_build_import_path(tmp_path):
-    """`serve build trustlab.serve.graph:app` (knobs from $TRUSTLAB_SERVE_ARGS) writes a config that
+    """`serve build trustlab.serve.app:app` (knobs from $TRUSTLAB_SERVE_ARGS) writes a config that
     passes the same checks."""
     from trustlab.serve import config_gen as cg
 
@@ -259,7 +316,7 @@ def test_serve_build_import_path(tmp_path):
                                     "batching": {"max_batch_size": 4}}))
     out = tmp_path / "built.yaml"
     env = dict(os.environ, TRUSTLAB_SERVE_ARGS=str(args), RAY_USAGE_STATS_ENABLED="0")
-    r = subprocess.run([os.path.join(BIN, "serve"), "build", "trustlab.serve.graph:app", "-o", str(out)],
+    r = subprocess.run([os.path.join(BIN, "serve"), "build", "trustlab.serve.app:app", "-o", str(out)],
                        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     built = yaml.safe_load(out.read_text())
@@ -273,10 +330,10 @@ def test_serve_build_import_path(tmp_path):
 def test_preprocessor_finds_a_real_face_and_reports_bad_input():
     from PIL import Image
 
-    from trustlab.serve.graph import DEFAULTS, Preprocessor
+    from trustlab.serve.inputs import Preprocessor
+    from trustlab.serve.settings import settings_from_args
 
-    s = copy.deepcopy(DEFAULTS)
-    s["video"].update(face_size=64, detect_width=320)
+    s = settings_from_args({"detectors": ["a"], "checkpoint_root": "/m", "video": {"face_size": 64, "detect_width": 320}})
     p = Preprocessor(s)
     im = Image.open(os.path.join(FACES, "kate_siegel.jpg")).convert("RGB")
     im = im.resize((im.width // 4, im.height // 4))
@@ -321,7 +378,8 @@ class _Handle:
 def _core(delays, timeout=0.6, raise_in=(), inline_images=False):
     import asyncio
 
-    from trustlab.serve.graph import GraphCore, settings_from_args
+    from trustlab.serve.http import GraphCore
+    from trustlab.serve.settings import settings_from_args
 
     async def info_of(n):
         return {"name": n, "method": "f2c", "modality": "image"}
@@ -364,7 +422,7 @@ def test_late_or_raising_detectors_are_reported_failed_and_the_rest_fused():
 def test_preprocessing_past_the_deadline_is_504():
     import asyncio
 
-    from trustlab.serve.graph import RequestError
+    from trustlab.serve.errors import RequestError
 
     core, _ = _core({"a": 0.0}, timeout=0.3)
 
@@ -377,13 +435,31 @@ def test_preprocessing_past_the_deadline_is_504():
     assert e.value.status == 504 and core.pre.calls[-1].cancelled
 
 
+def test_predict_answers_a_one_detector_graph_in_the_single_detector_shape():
+    import asyncio
+
+    from trustlab.serve.errors import RequestError
+
+    core, _ = _core({"b": 0.0})
+    status, body = asyncio.run(core.predict({"data": b"x", "kind": "image"}))
+    assert status == 200 and set(body) == {"method", "score", "verdict", "threshold", "ms"}, body
+    assert body["method"] == "f2c" and body["score"] == pytest.approx(0.6) and body["verdict"] == "fake"
+    core, _ = _core({"b": 0.0}, raise_in=("b",))
+    status, body = asyncio.run(core.predict({"data": b"x", "kind": "image"}))
+    assert status == 503 and body["code"] == "all_detectors_failed" and "blew up" in body["error"]
+    core, _ = _core({"a": 0.0, "b": 0.0})
+    with pytest.raises(RequestError) as e:  # several detectors: /v1/detect is the route
+        asyncio.run(core.predict({"data": b"x", "kind": "image"}))
+    assert e.value.status == 404 and "/v1/detect" in e.value.reason
+
+
 def test_uploaded_images_are_prepared_in_the_ingress_videos_and_uris_are_not():
     """inline_images: an uploaded image is decoded by the ingress's own Preprocessor (no handle
     call to the preprocessing deployment); a video, an s3:// URI or a corrupt upload's error
     still comes back as the same answers."""
     import asyncio
 
-    from trustlab.serve.graph import RequestError
+    from trustlab.serve.errors import RequestError
 
     core, handles = _core({"a": 0.0}, inline_images=True)
     status, body = asyncio.run(core.detect({"data": _png(1), "kind": None}))
@@ -399,7 +475,9 @@ def test_uploaded_images_are_prepared_in_the_ingress_videos_and_uris_are_not():
 
 
 def test_small_detector_calls_go_by_value_large_ones_by_reference():
-    from trustlab.serve.graph import GRPC_MAX_ITEM_BYTES, GraphCore, item_nbytes, settings_from_args
+    from trustlab.serve.http import GRPC_MAX_ITEM_BYTES, GraphCore
+    from trustlab.serve.inputs import item_nbytes
+    from trustlab.serve.settings import settings_from_args
 
     class H:
         def __init__(self, by_ref=True):
@@ -509,7 +587,7 @@ def graph(ray_head, tmp_path_factory):
 
     from trustlab.platform.data.s3local import LocalS3, upload_file
     from trustlab.platform.registry import list_methods
-    from trustlab.serve.graph import settings_from_args
+    from trustlab.serve.settings import settings_from_args
 
     root = tmp_path_factory.mktemp("serve-graph")
     f2c = _train("f2c", ["method.data.size=32", "method.backbone=resnet10t"], root / "f2c", _f2c_batch)
@@ -616,6 +694,13 @@ def test_listing_docs_and_health(graph):
     assert {"/v1/detectors", "/healthz"} <= set(spec["paths"])
     h = requests.get(f"{url}/healthz", timeout=30).json()
     assert h["status"] == "ok" and h["preprocess"] == "ok" and set(h["detectors"]) == set(dets)
+
+
+def test_predict_is_for_one_detector_graphs(graph):
+    import requests
+
+    bad = requests.post(f"{graph['url']}/predict", files={"file": ("a.png", _png(5), "image/png")}, timeout=60)
+    assert bad.status_code == 404 and bad.json()["code"] == "not_one_detector"
 
 
 def test_http_ingress_is_haproxy_by_default(graph):

@@ -1,102 +1,91 @@
-"""Basic Ray Serve path: one detector loaded from a checkpoint behind a FastAPI ingress.
+"""The detection graph as one Ray Serve application: building it and starting it.
 
-    POST /predict   multipart field ``file`` (an image) -> {"score", "verdict", "method"}
-    GET  /healthz   -> {"status": "ok", "method": ...}
+Composed with ``DeploymentHandle``s (``.bind()`` arguments)::
 
-An undecodable or empty upload gets a 400 JSON error and the replica stays up. The checkpoint
-(``model.pt``, local or s3://) carries its resolved config, so nothing else is needed to
-rebuild the model.
+    HTTP -> ingress (FastAPI) -> preprocess -> detector-<name> (one deployment per detector,
+                                               @serve.batch) ...  -> fusion -> JSON
+
+- ``ingress`` (``trustlab.serve.http``): the routes, the limits, the fan-out and the fusion;
+- ``preprocess`` (``trustlab.serve.deployments`` / ``inputs``): fetches ``s3://`` inputs, decodes,
+  checks the video limits and prepares what the selected detectors need (image uploads are
+  prepared by the same ``Preprocessor`` in a worker thread of the ingress when ``inline_images``
+  is on, the default: decoding a photo costs less than the extra handle round trip);
+- ``detector-<name>`` (``trustlab.serve.runner``): a registered method rebuilt from its checkpoint.
+  How an input reaches a detector depends on the method's ``modality``:
+
+  ============  =========================  ==========================================
+  modality      image request              video request
+  ============  =========================  ==========================================
+  ``image``     the decoded image          every sampled frame (longer side <= video.frame_side), mean
+  ``face``      the largest face's crop    the face crop of every sampled frame, mean
+  ``video``     skipped (needs a video)    every face-crop clip, mean
+  ============  =========================  ==========================================
+
+One detector is the same graph with one detector deployment: ``mode=serve run.name=<a trained
+run>`` (or ``serve.checkpoint=<model.pt>``) serves the run's best checkpoint, and ``POST /predict``
+answers for it. The knobs are those of ``experiments/conf/serve/graph.yaml`` (``trustlab.serve.settings``).
+
+Entry points:
+
+- ``build_app(args) -> Application``: the builder for ``serve run``/``serve deploy`` and Serve
+  config files (``import_path: trustlab.serve.app:build_app`` with ``args``, see
+  ``trustlab.serve.config_gen``); ``args`` are graph knobs (or a whole trustlab config, whose
+  ``serve`` group is used).
+- ``trustlab.serve.app:app``: a built application for ``serve build`` / ``serve run``, made from
+  the YAML file named by ``$TRUSTLAB_SERVE_ARGS``.
+- ``start(cfg)`` / ``serve_forever(cfg)``: ``python experiments/run.py mode=serve ...``.
 """
-
-import io
 import os
 import time
 
-from fastapi import FastAPI, File, UploadFile
-from fastapi.responses import JSONResponse
 from ray import serve
 
-api = FastAPI(title="trustlab detector")
+from trustlab.serve.deployments import Detector, Preprocess
+from trustlab.serve.http import Ingress
+from trustlab.serve.settings import (GraphConfigError, absolutize_local_paths, apply_cluster_env, deployment_options,
+                                     http_options, logging_config, settings_from_args)
 
 
-def decode_image(data: bytes):
-    """Bytes -> RGB uint8 array, or raise ValueError with a reason."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise ValueError("empty upload")
-    try:
-        im = Image.open(io.BytesIO(data))
-        im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot decode image: {e.__class__.__name__}") from None
-    return np.asarray(im.convert("RGB"))
+def build_app(args: dict | None = None):
+    """The graph as a Serve ``Application`` (a builder: ``import_path: trustlab.serve.app:build_app``)."""
+    s = settings_from_args(args)
+    opts = deployment_options(s)
+    pre = Preprocess.options(name="preprocess", **opts["preprocess"]).bind(s)
+    dets = {d["name"]: Detector.options(name=f"detector-{d['name']}", **opts[f"detector-{d['name']}"]).bind(d, s)
+            for d in s["detectors"]}
+    return Ingress.options(name="ingress", **opts["ingress"]).bind(pre, dets, s)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, health_check_period_s=10)
-@serve.ingress(api)
-class Detector:
-    def __init__(self, checkpoint: str, s3_endpoint=None, max_body_mb: float = 20.0):
-        import torch
+def __getattr__(name: str):
+    """``trustlab.serve.app:app`` for ``serve build`` / ``serve run``: built from the YAML (or
+    JSON) file of graph knobs named by ``$TRUSTLAB_SERVE_ARGS``."""
+    if name == "app":
+        path = os.environ.get("TRUSTLAB_SERVE_ARGS")
+        if not path:
+            raise AttributeError("trustlab.serve.app:app needs TRUSTLAB_SERVE_ARGS=<YAML file of graph knobs> "
+                                 "(or use import_path trustlab.serve.app:build_app with args)")
+        import yaml
 
-        from trustlab.platform.checkpoints import load_state
-        from trustlab.platform.train import load_model
-
-        state = load_state(checkpoint, s3_endpoint)
-        self.cfg = state["cfg"]
-        self.method, self.model = load_model(self.cfg, state)
-        self.threshold = float(self.cfg["trainer"].get("threshold", 0.5))
-        self.max_bytes = int(max_body_mb * 1024 * 1024)
-        torch.set_num_threads(1)
-
-    def score(self, images: list) -> list[float]:
-        import torch
-
-        with torch.no_grad():
-            batch = self.method.serve_inputs(images, self.cfg)
-            return [float(s) for s in self.method.predict(self.model, batch, self.cfg)]
-
-    @api.get("/healthz")
-    def healthz(self):
-        return {"status": "ok", "method": self.method.name}
-
-    @api.post("/predict")
-    async def predict(self, file: UploadFile = File(...)):
-        t0 = time.perf_counter()
-        data = await file.read()
-        if len(data) > self.max_bytes:
-            return JSONResponse({"error": f"upload larger than {self.max_bytes} bytes"}, status_code=413)
-        try:
-            img = decode_image(data)
-        except ValueError as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
-        s = self.score([img])[0]
-        return {"method": self.method.name, "score": s, "verdict": "fake" if s >= self.threshold else "real",
-                "threshold": self.threshold, "ms": round(1000 * (time.perf_counter() - t0), 2)}
-
-    def check_health(self):
-        if self.model is None:
-            raise RuntimeError("model not loaded")
-
-
-def build_app(cfg: dict):
-    run_dir = os.path.abspath(os.path.join(cfg["run"]["root"], cfg["run"]["name"] or ""))
-    ckpt = cfg["serve"].get("checkpoint") or os.path.join(run_dir, "checkpoints", "best.pt")
-    return Detector.options(num_replicas=int(cfg["serve"]["num_replicas"])).bind(
-        ckpt, cfg["run"].get("s3_endpoint"), float(cfg["serve"]["max_body_mb"]))
+        with open(path) as f:
+            return build_app(yaml.safe_load(f) or {})
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def start(cfg: dict, blocking: bool = False):
-    """Deploy on the running (or embedded) Ray cluster at serve.host:serve.port."""
+    """Deploy the graph (``cfg``: a whole trustlab config, or graph knobs) on the running or an
+    embedded Ray cluster at serve.host:serve.port; returns the ingress handle."""
     from trustlab.platform.runtime import init_ray
 
-    init_ray(cfg)
-    s = cfg["serve"]
-    serve.start(http_options={"host": s["host"], "port": int(s["port"])})
-    handle = serve.run(build_app(cfg), name="trustlab", route_prefix=s["route_prefix"], blocking=False)
-    print(f"[trustlab] serving on http://{s['host']}:{s['port']}{s['route_prefix'].rstrip('/')}/predict "
-          f"(health: /healthz)", flush=True)
+    s = absolutize_local_paths(settings_from_args(cfg))
+    apply_cluster_env(s, (cfg.get("ray") or {}).get("address"))
+    init_ray(cfg if "ray" in cfg else None)
+    serve.start(http_options=http_options(s), logging_config=logging_config(s))
+    handle = serve.run(build_app(s), name=s["app_name"], route_prefix=s["route_prefix"], blocking=False)
+    base = f"http://{s['host']}:{s['port']}{s['route_prefix'].rstrip('/')}"
+    names = [d["name"] for d in s["detectors"]]
+    one = f"{base}/predict and " if len(names) == 1 else ""
+    print(f"[trustlab] detection graph ({', '.join(names)}) on {one}{base}/v1/detect "
+          f"(docs: {base}/docs, health: {base}/healthz)", flush=True)
     if blocking:
         try:
             while True:
@@ -107,8 +96,10 @@ def start(cfg: dict, blocking: bool = False):
 
 
 def serve_forever(cfg: dict):
-    if not cfg["run"].get("name") and not cfg["serve"].get("checkpoint"):
-        from trustlab.platform.config import ConfigError
-
-        raise SystemExit("error: mode=serve needs serve.checkpoint=<model.pt> or run.name=<a trained run>")
+    """``python experiments/run.py mode=serve run.name=<run>`` (one detector) or
+    ``mode=serve serve=graph serve.detectors=[...]``."""
+    try:
+        settings_from_args(cfg)
+    except GraphConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     start(cfg, blocking=True)

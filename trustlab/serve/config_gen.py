@@ -7,7 +7,7 @@ RayService manifest that embeds it.
     # the RayService manifest (cluster/kuberay/rayservice.yaml is made this way; its header has the command)
     python -m trustlab.serve.config_gen --rayservice cluster/kuberay/rayservice.yaml serve=graph ...
 
-The Serve config is one application, ``import_path: trustlab.serve.graph:build_app`` with the
+The Serve config is one application, ``import_path: trustlab.serve.app:build_app`` with the
 graph knobs as ``args`` and a ``deployments`` list holding the options ``build_app`` applies
 (Serve applies that list last, so operators tune replicas, resources and batch sizes there).
 
@@ -19,7 +19,7 @@ Validation (``validate_serve_config``), run on everything this module writes:
    with the default;
 2. ``ServeDeploySchema.model_validate`` (types, ranges, unique names and routes);
 3. the ``args`` of a trustlab graph application must be valid graph knobs
-   (``trustlab.serve.graph.settings_from_args``) and its ``deployments`` must name deployments
+   (``trustlab.serve.settings.settings_from_args``) and its ``deployments`` must name deployments
    that the graph builds.
 """
 from __future__ import annotations
@@ -32,9 +32,10 @@ import typing
 
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONF_DIR = os.path.join(REPO, "experiments", "conf")
-IMPORT_PATH = "trustlab.serve.graph:build_app"
+from trustlab.serve.settings import (CONF_DIR, GraphConfigError, cluster_env, deployment_options, http_options,
+                                     logging_config, settings_from_args)
+
+IMPORT_PATH = "trustlab.serve.app:build_app"
 SERVE_PORT = 8000
 K8S_REPO_DIR = "/home/ray/trustlab"
 PATH_ENV = f"{K8S_REPO_DIR}/.venv/bin:/home/ray/anaconda3/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -113,8 +114,6 @@ def validate_serve_config(config: dict):
     for i, app in enumerate(config.get("applications") or []):
         if not isinstance(app, dict) or app.get("import_path") != IMPORT_PATH:
             continue
-        from trustlab.serve.graph import GraphConfigError, deployment_options, settings_from_args
-
         try:
             s = settings_from_args(app.get("args") or {})
         except GraphConfigError as e:
@@ -134,15 +133,12 @@ def validate_serve_config(config: dict):
 def graph_settings(overrides: list[str]) -> dict:
     """Compose the trustlab config like experiments/run.py and return the graph settings."""
     from trustlab.platform.config import compose
-    from trustlab.serve.graph import settings_from_args
 
     return settings_from_args(compose(CONF_DIR, list(overrides)))
 
 
 def serve_config(settings: dict, host: str | None = None, port: int | None = None) -> dict:
     """The Serve config (``ServeDeploySchema`` shape) of one graph application."""
-    from trustlab.serve.graph import deployment_options, http_options, logging_config
-
     s = copy.deepcopy(settings)
     args = {k: v for k, v in s.items() if k not in ("host", "port", "app_name", "route_prefix")}
     args["detectors"] = [{k: v for k, v in d.items() if v is not None} for d in s["detectors"]]
@@ -244,8 +240,6 @@ def rayservice_manifest(settings: dict, name: str = "trustlab-serve") -> dict:
     GPU group (detectors with num_gpus > 0)."""
     import ray
 
-    from trustlab.serve.graph import cluster_env
-
     sc = serve_config(settings, host="0.0.0.0", port=SERVE_PORT)
     env = cluster_env(settings)  # serve.proxy / throughput_optimized: every Ray container starts with it
     gpus = sum(float(d["num_gpus"]) * (d["num_replicas"] if isinstance(d["num_replicas"], int) else 1)
@@ -333,7 +327,6 @@ def _split_argv(argv: list[str]):
 def generate(argv: list[str]) -> dict:
     """Write what ``argv`` asks for; returns ``{"serve-config": text, "rayservice": text}``."""
     from trustlab.platform.config import ConfigError
-    from trustlab.serve.graph import GraphConfigError
 
     opts, overrides = _split_argv(argv)
     if not opts.get("serve-config") and not opts.get("rayservice"):

@@ -289,6 +289,7 @@ def clip_pretrain_loss(model: ItemNet, batch: dict, weights: dict) -> dict:
 @register_method("item")
 class Item:
     modality = "image"
+    serve_adapter = "image+caption"  # Serve passes each upload's caption to serve_inputs
     BATCH_KEYS = ("x", "y", "vid", "tokens", "phrase_tokens", "phrase_mask")
 
     def stages(self, cfg: dict) -> list[str]:
