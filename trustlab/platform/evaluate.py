@@ -37,6 +37,9 @@ def to_device(batch: dict, device) -> dict:
 @torch.no_grad()
 def score_batches(method, model, batches, cfg: dict, device="cpu"):
     """Run ``method.predict`` over numpy batches; returns (labels, scores, vids) as numpy."""
+    from trustlab.platform.method import as_bound
+
+    method = as_bound(method)
     model.eval()
     ys, ss, vs = [], [], []
     for b in batches:

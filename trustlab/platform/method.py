@@ -159,3 +159,9 @@ class Bound:
 
     def __repr__(self) -> str:
         return f"<method {getattr(self.impl, 'name', '?')}>"
+
+
+def as_bound(method) -> Bound:
+    """``method`` with the optional-hook rule applied: a method's own code may hand the platform
+    ``self`` (the bare registered object), the platform always calls through a ``Bound``."""
+    return method if isinstance(method, Bound) else Bound(method)

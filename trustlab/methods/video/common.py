@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from trustlab.platform.evaluate import iter_array_batches
+from trustlab.platform.method import as_bound
 
 CLIP_KEYS = ("x", "y", "vid", "clip")
 
@@ -519,6 +520,7 @@ def local_fit(method, cfg: dict, data: dict, stages=None, epochs: int | None = N
     local ``WorkerContext``: one worker, no Ray, no per-epoch validation); the last epoch's model
     goes on to the next stage. For tests and benchmarks. Returns
     ``(model, {stage: [mean train loss parts per epoch]})``."""
+    method = as_bound(method)
     from trustlab.platform.train import WorkerContext, run_epochs
 
     apply_batch_size(cfg)
@@ -539,6 +541,7 @@ def local_fit(method, cfg: dict, data: dict, stages=None, epochs: int | None = N
 
 
 def score(method, model, split: dict, cfg: dict, bs: int = 64) -> np.ndarray:
+    method = as_bound(method)
     model.eval()
     out = []
     with torch.no_grad():
@@ -570,6 +573,7 @@ def run_ablations(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
     the main run (same data, seed and epochs; only the variant's overrides differ) and evaluate
     it in-domain and cross-domain. A variant may retrain only some ``stages``, initialised from
     the main model's parameters whose names start with ``init_prefix`` (e.g. a frozen backbone)."""
+    method = as_bound(method)
     from trustlab.platform import checkpoints as ck
     from trustlab.platform.config import apply_dotted
     from trustlab.platform.train import checkpoint_uri, fit_stage, load_model
@@ -603,6 +607,7 @@ def run_ablations(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
 def video_report(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
     """The ``after_train`` entries shared by the video methods: protocol, cross-domain metrics,
     robustness sweep (table + plot), ablation runs; also prints and writes ``video_summary.txt``."""
+    method = as_bound(method)
     from trustlab.methods.video import robustness
     from trustlab.platform.train import write_json
 

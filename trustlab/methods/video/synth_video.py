@@ -233,7 +233,7 @@ def render_video(rng: np.random.Generator, target: np.ndarray, donor: np.ndarray
 
 
 def write_mp4(frames: np.ndarray, path: str, fps: int = 25, crf: int = 20) -> None:
-    """Encode RGB uint8 frames as H.264 (yuv420p) in an mp4 file, single-threaded."""
+    """Encode RGB uint8 frames as H.264 (yuv420p) in an mp4 file, single-threaded and reproducibly."""
     import av
 
     n, h, w = frames.shape[:3]
@@ -243,7 +243,9 @@ def write_mp4(frames: np.ndarray, path: str, fps: int = 25, crf: int = 20) -> No
     with av.open(tmp, "w", format="mp4") as c:
         st = c.add_stream("libx264", rate=int(fps))
         st.width, st.height, st.pix_fmt = w, h, "yuv420p"
-        st.options = {"crf": str(int(crf)), "preset": "veryfast"}
+        # no lookahead / macroblock tree: with them this machine's libx264 gave different bytes for
+        # the same frames from run to run (11 variants in 20 encodings), so a set was not reproducible
+        st.options = {"crf": str(int(crf)), "preset": "veryfast", "x264-params": "rc-lookahead=0:mbtree=0"}
         st.codec_context.thread_count = 1
         for f in frames:
             for p in st.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
