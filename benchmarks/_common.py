@@ -3,7 +3,8 @@
 import json
 import os
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+# $TRUSTLAB_BENCH_OUT moves the JSON files elsewhere (tests running a benchmark)
+OUT = os.environ.get("TRUSTLAB_BENCH_OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 
 def report(name: str, rows: list[dict], ratios: list[tuple[str, float, str, float]], extra: dict | None = None):

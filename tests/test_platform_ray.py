@@ -38,6 +38,23 @@ def test_two_worker_training_reports_selected_on_val(f2c_run):
     assert "num_workers: 2" in cfg_text
 
 
+def test_bucketed_grad_sync_trains_like_the_flat_all_reduce(f2c_run, tmp_path):
+    """The module's 2-worker run averages gradients with the default bucketed all-reduce that
+    overlaps backward; the same run with the previous synchronisation (one flat all-reduce after
+    backward) reaches the same validation and test metrics and the same training loss."""
+    from trustlab.platform.experiment import train
+
+    root, bucketed = f2c_run
+    flat = train(compose(F2C + ["trainer.epochs=2", "run.name=f2c-flat", "trainer.num_workers=2",
+                                "trainer.grad_sync=flat"], tmp_path))
+    hb, hf = bucketed["train_history"]["train"], flat["train_history"]["train"]
+    assert hf["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-4)
+    assert hf["val_auc"] == pytest.approx(hb["val_auc"], abs=1e-4)
+    for split in ("val", "test"):
+        for k in ("auc", "ap", "acc"):
+            assert flat[split]["frame"][k] == pytest.approx(bucketed[split]["frame"][k], abs=1e-4), (split, k)
+
+
 def test_checkpoint_reload_reproduces_metrics(f2c_run):
     from trustlab.platform.experiment import evaluate
 

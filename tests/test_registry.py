@@ -86,7 +86,7 @@ def test_every_config_knob_has_a_comment():
     assert not bad, "uncommented knobs:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("group", ["data", "trainer", "tune", "serve"])
+@pytest.mark.parametrize("group", ["data", "trainer", "tune", "serve", "tracking"])
 def test_every_group_option_composes(group):
     for opt in group_options(CONF_DIR, group):
         cfg = compose([f"{group}={opt}"])

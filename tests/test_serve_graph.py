@@ -5,7 +5,8 @@ unknown keys) and the RayService manifest (against the pinned KubeRay CRD).
 The HTTP tests share one graph: ``f2c`` (image detector, checkpoint read from a local moto S3),
 ``broken`` (the same network with NaN weights: its replica raises on every request) and ``stdt``
 (a video detector, when registered). Checkpoints are trained here in-process for a few steps;
-scores over HTTP are compared with the same model called directly on the same inputs."""
+scores over HTTP are compared with the same model called directly on the same inputs. The graph
+wants an API key (a keys file) and reads URIs under s3://inputs/ only."""
 import concurrent.futures as cf
 import copy
 import io
@@ -27,6 +28,8 @@ FACES = os.path.join(SHARED, "data", "real", "faces")
 RAYSERVICE = os.path.join(REPO, "cluster", "kuberay", "rayservice.yaml")
 GRAPH_YAML = os.path.join(REPO, "experiments", "conf", "serve", "graph.yaml")
 VIDEO_METHOD = "stdt"
+API_KEY = "graph-test-key-5d1f"  # the HTTP graph wants an API key (serve.auth.keys_file)
+KEYED = {"X-API-Key": API_KEY}
 
 
 # ----------------------------------------------------------------------------- fusion (plain)
@@ -270,13 +273,16 @@ def test_rayservice_manifest_matches_crd_embeds_a_valid_serve_config_and_is_curr
 
 def test_served_face_detection_knobs_default_to_the_training_data_planes():
     from trustlab.platform.data.video import DEFAULTS as DATA
-    from trustlab.serve.settings import FACE_KNOBS, settings_from_args
+    from trustlab.platform.data.video import FACE_KNOBS
+    from trustlab.serve.settings import GraphConfigError, settings_from_args
 
     assert all(yaml.safe_load(open(GRAPH_YAML))["video"][k] is None for k in FACE_KNOBS)  # set in one place
     base = {"detectors": ["a"], "checkpoint_root": "/m"}
     s = settings_from_args(base)
-    for k in ("detect_width", "scale_factor", "min_neighbors", "relaxed_neighbors", "face_scale", "smooth"):
+    for k in FACE_KNOBS:
         assert s["video"][k] == DATA[k], k
+    with pytest.raises(GraphConfigError, match="face_crop=aligned needs landmarks"):
+        settings_from_args({**base, "video": {"face_detector": "haar"}})
     over = settings_from_args({**base, "video": {"face_scale": 1.5, "relaxed_neighbors": None}})["video"]
     assert over["face_scale"] == 1.5 and over["relaxed_neighbors"] == DATA["relaxed_neighbors"]
 
@@ -606,8 +612,11 @@ def graph(ray_head, tmp_path_factory):
         dets.append({"name": VIDEO_METHOD, "checkpoint": video})
     env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
                                       "AWS_EC2_METADATA_DISABLED") if k in os.environ}
+    keys = root / "api_keys.txt"
+    keys.write_text(f"# keys of the test graph\n{API_KEY}\nanother-key-9c2e\n")
     settings = settings_from_args({
         "detectors": dets, "max_body_mb": 1.0, "max_video_seconds": 2.0, "request_timeout_s": 90.0,
+        "auth": {"keys_file": str(keys)}, "allowed_uri_prefixes": ["s3://inputs/"],
         "video": VIDEO_CFG, "s3_endpoint": s3.endpoint, "env": env,
         "resources": {"ingress_cpus": 0.1, "preprocess_cpus": 0.2, "detector_cpus": 0.2, "torch_threads": 1},
         "health_check_period_s": 5.0,
@@ -671,7 +680,8 @@ def _image_score(ckpt, png):
 def _post(url, data, ctype="image/png", name="x.png", **params):
     import requests
 
-    return requests.post(f"{url}/v1/detect", files={"file": (name, data, ctype)}, params=params, timeout=120)
+    return requests.post(f"{url}/v1/detect", files={"file": (name, data, ctype)}, params=params, timeout=120,
+                         headers=KEYED)
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -679,7 +689,7 @@ def test_listing_docs_and_health(graph):
     import requests
 
     url = graph["url"]
-    body = requests.get(f"{url}/v1/detectors", timeout=30).json()
+    body = requests.get(f"{url}/v1/detectors", timeout=30, headers=KEYED).json()
     dets = {d["name"]: d for d in body["detectors"]}
     assert dets["f2c"]["method"] == "f2c" and dets["f2c"]["modality"] == "image"
     assert dets["f2c"]["checkpoint"].startswith("s3://models/")
@@ -699,7 +709,8 @@ def test_listing_docs_and_health(graph):
 def test_predict_is_for_one_detector_graphs(graph):
     import requests
 
-    bad = requests.post(f"{graph['url']}/predict", files={"file": ("a.png", _png(5), "image/png")}, timeout=60)
+    bad = requests.post(f"{graph['url']}/predict", files={"file": ("a.png", _png(5), "image/png")}, timeout=60,
+                        headers=KEYED)
     assert bad.status_code == 404 and bad.json()["code"] == "not_one_detector"
 
 
@@ -752,6 +763,7 @@ def test_s3_uri_input_scores_like_the_upload(graph):
     png = _png(2)
     s3_client(graph["s3"].endpoint).put_object(Bucket="inputs", Key="img/two.png", Body=png)
     r = requests.post(f"{graph['url']}/v1/detect", json={"uri": "s3://inputs/img/two.png", "detectors": ["f2c"]},
+                      headers=KEYED,
                       timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["detectors"]["f2c"]["score"] == pytest.approx(_image_score(graph["f2c"], png), abs=1e-5)
@@ -779,10 +791,10 @@ def test_video_happy_path(graph, tmp_path):
     assert b["detectors"]["f2c"]["score"] == pytest.approx(want, abs=1e-5)
     if graph["video"]:
         t = VIDEO_CFG["clip_len"]
-        # the training data plane's detector (its default Haar knobs) and clip tracking
-        clips, st, _ = face_clips(frames, face_detector({"detect_width": VIDEO_CFG["detect_width"]}), t,
-                                  VIDEO_CFG["face_size"], 1.3, 5)
-        assert st.detected == len(idx), "the portrait's face should be found in every frame"
+        # the training data plane's detector, face track and crops (its defaults)
+        clips, ft = face_clips(frames, face_detector({"detect_width": VIDEO_CFG["detect_width"]}), t,
+                               VIDEO_CFG["face_size"], {}, times=idx)
+        assert ft.stats.detected == len(idx), "the portrait's face should be found in every frame"
         method, model, cfg = _reference(graph["video"])
         with torch.no_grad():
             want = float(np.mean([float(method.predict(model, method.serve_inputs(list(c), cfg), cfg)[0])
@@ -799,18 +811,19 @@ def _bad_cases():
     import requests
 
     def post_json(url, raw):
-        return requests.post(f"{url}/v1/detect", data=raw, headers={"Content-Type": "application/json"}, timeout=60)
+        return requests.post(f"{url}/v1/detect", data=raw, headers={"Content-Type": "application/json", **KEYED},
+                             timeout=60)
 
     return [
         ("corrupt_image", lambda g: _post(g["url"], b"\x89PNG\r\n\x1a\n" + b"\0garbage" * 40), 400, "corrupt_image"),
         ("corrupt_video", lambda g: _post(g["url"], _face_video(g["root"] / "c.mp4", 12)[:1500], "video/mp4", "c.mp4"),
          400, "corrupt_video"),
         ("empty_body", lambda g: requests.post(f"{g['url']}/v1/detect", data=b"", timeout=60,
-                                               headers={"Content-Type": "multipart/form-data; boundary=xyz"}),
+                                               headers={"Content-Type": "multipart/form-data; boundary=xyz", **KEYED}),
          400, "empty_body"),
         ("empty_file", lambda g: _post(g["url"], b""), 400, "empty_upload"),
         ("wrong_content_type", lambda g: requests.post(f"{g['url']}/v1/detect", data=b"hello", timeout=60,
-                                                       headers={"Content-Type": "text/plain"}),
+                                                       headers={"Content-Type": "text/plain", **KEYED}),
          415, "unsupported_media_type"),
         ("wrong_part_type", lambda g: _post(g["url"], b"hello", "text/plain", "a.txt"), 415, "unsupported_media_type"),
         ("unknown_detector", lambda g: _post(g["url"], _png(3), detectors="f2c,nope"), 400, "unknown_detector"),
@@ -821,7 +834,33 @@ def _bad_cases():
         ("too_large_body", lambda g: _post(g["url"], b"\0" * (1024 * 1024 + 10)), 413, "body_too_large"),
         ("too_long_video", lambda g: _post(g["url"], _face_video(g["root"] / "long.mp4", 60, side=64), "video/mp4",
                                            "long.mp4"), 413, "video_too_long"),
+        ("truncated_image", lambda g: _post(g["url"], _png(11, 64)[:600]), 400, "corrupt_image"),
+        ("non_image", lambda g: _post(g["url"], b"%PDF-1.4\n%\xe2\xe3\n1 0 obj << /Type /Catalog >>\n" * 20,
+                                      "image/jpeg", "doc.jpg"), 400, "corrupt_image"),
+        ("non_media_octets", lambda g: _post(g["url"], bytes(range(256)) * 8, "application/octet-stream", "blob.bin"),
+         400, "corrupt_video"),
+        ("decompression_bomb", lambda g: _post(g["url"], _bomb_png()), 413, "image_too_large"),
+        ("json_not_an_object", lambda g: post_json(g["url"], b'["s3://inputs/x.png"]'), 400, "malformed_json"),
+        ("json_empty", lambda g: post_json(g["url"], b"   "), 400, "empty_body"),
+        ("uri_not_allowed", lambda g: post_json(g["url"], json.dumps({"uri": "s3://models/serve/f2c/model.pt"}).encode()),
+         403, "uri_not_allowed"),
+        ("uri_escaping_the_prefix", lambda g: post_json(g["url"], json.dumps({"uri": "s3://inputs/../models/x.png"})
+                                                        .encode()), 403, "uri_not_allowed"),
+        ("missing_key", lambda g: requests.post(f"{g['url']}/v1/detect", files={"file": ("a.png", _png(3), "image/png")},
+                                                timeout=60), 401, "missing_api_key"),
+        ("wrong_key", lambda g: requests.post(f"{g['url']}/v1/detect", files={"file": ("a.png", _png(3), "image/png")},
+                                              headers={"Authorization": "Bearer not-the-key"}, timeout=60),
+         401, "invalid_api_key"),
     ]
+
+
+def _bomb_png(side=12000):
+    """A 1-bit PNG of side x side pixels: a few kB on the wire, 144 Mpx once decoded."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
 
 
 @pytest.mark.parametrize("case", [c[0] for c in _bad_cases()])
@@ -835,6 +874,59 @@ def test_bad_input_gets_4xx_json_and_the_next_request_is_answered(graph, case):
     ok = _post(graph["url"], png, detectors="f2c")
     assert ok.status_code == 200, ok.text
     assert ok.json()["detectors"]["f2c"]["score"] == pytest.approx(_image_score(graph["f2c"], png), abs=1e-5)
+
+
+def test_api_keys_guard_every_route_but_health_and_docs(graph):
+    """/healthz and the OpenAPI pages answer without a key; /v1/detectors and /predict want one
+    (401 with a reason and WWW-Authenticate); either key of the file, as a Bearer token or X-API-Key, works."""
+    import requests
+
+    url = graph["url"]
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    assert requests.get(f"{url}/openapi.json", timeout=30).status_code == 200
+    r = requests.get(f"{url}/v1/detectors", timeout=30)
+    assert r.status_code == 401 and r.json()["code"] == "missing_api_key" and "Bearer" in r.headers["www-authenticate"]
+    r = requests.post(f"{url}/predict", files={"file": ("a.png", _png(5), "image/png")}, timeout=60)
+    assert r.status_code == 401
+    assert requests.get(f"{url}/v1/detectors", timeout=30, headers={"Authorization": "Bearer another-key-9c2e"}) \
+        .status_code == 200
+    r = requests.post(f"{url}/v1/detect", files={"file": ("a.png", _png(6), "image/png")}, params={"detectors": "f2c"},
+                      headers={"Authorization": f"bearer {API_KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_api_key_and_uri_checks_without_serve():
+    """The key check compares digests of every key (a near miss and a prefix of a key are refused) and
+    the URI allow-list admits only what lies under a prefix."""
+    from starlette.requests import Request
+
+    from trustlab.serve.errors import RequestError
+    from trustlab.serve.http import check_api_key, load_api_keys, uri_allowed
+
+    def req(**headers):
+        return Request({"type": "http", "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
+
+    os.environ["TL_TEST_KEYS"] = "alpha-key, beta-key"
+    try:
+        digests = load_api_keys({"keys_env": "TL_TEST_KEYS", "keys_file": None})
+    finally:
+        del os.environ["TL_TEST_KEYS"]
+    assert len(digests) == 2 and load_api_keys({"keys_env": "TL_UNSET_VAR_X", "keys_file": None}) == []
+    check_api_key(req(Authorization="Bearer beta-key"), digests)
+    check_api_key(req(**{"X-API-Key": "alpha-key"}), digests)
+    check_api_key(req(), [])  # no keys configured: open
+    for headers, code in (({}, "missing_api_key"), ({"X-API-Key": "alpha-ke"}, "invalid_api_key"),
+                          ({"Authorization": "Bearer alpha-key2"}, "invalid_api_key"),
+                          ({"Authorization": "Basic alpha-key"}, "missing_api_key")):
+        with pytest.raises(RequestError) as e:
+            check_api_key(req(**headers), digests)
+        assert e.value.status == 401 and e.value.code == code
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        load_api_keys({"keys_env": None, "keys_file": "/nonexistent/keys.txt"})
+    ok = ["s3://inputs/"]
+    assert uri_allowed("s3://inputs/a/b.png", ok) and not uri_allowed("s3://inputs-private/b.png", ok)
+    assert not uri_allowed("s3://inputs/a/../../models/m.pt", ok) and not uri_allowed("s3://inputs//x.png", ok)
+    assert not uri_allowed("s3://inputs/a.png", []) and not uri_allowed("s3://inputs/./a.png", ok)
 
 
 def test_image_for_video_only_detector_is_422(graph):
@@ -856,7 +948,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_score(graph):
     assert max(g["batch_requests"] for g in got) > 1, "no two requests shared a batch"
 
 
-def test_stacker_fitted_on_scores_collected_through_the_graph(graph, tmp_path):
+def test_stacker_fitted_on_scores_collected_through_the_graph(graph, tmp_path, monkeypatch):
     import pandas as pd
 
     from trustlab.serve.fusion import load_stacker, main
@@ -868,6 +960,7 @@ def test_stacker_fitted_on_scores_collected_through_the_graph(graph, tmp_path):
         rows.append({"uri": str(p), "label": i % 2, "split": "val"})
     rows.append({"uri": str(tmp_path / "test.png"), "label": 0, "split": "test"})  # never read
     pd.DataFrame(rows).to_csv(tmp_path / "val.csv", index=False)
+    monkeypatch.setenv("TRUSTLAB_API_KEY", API_KEY)  # the client's key
     assert main(["collect", "--url", graph["url"], "--manifest", str(tmp_path / "val.csv"),
                  "--out", str(tmp_path / "scores.csv")]) == 0
     df = pd.read_csv(tmp_path / "scores.csv")

@@ -1,6 +1,6 @@
-"""Video data plane without Ray: sampling, decoding, face tracking and fallbacks, the real
-1080p clip, the synthetic set, manifest adapters on tiny FF++/Celeb-DF/DFDC trees, bad files.
-The Ray Data / S3 / Ray Train path is in ``test_video_ray.py``."""
+"""Video data plane without Ray: sampling, decoding, the synthetic set, manifest adapters on tiny
+FF++/Celeb-DF/DFDC trees, bad files. Faces (detectors, tracks, aligned crops, counts, the real
+files) are in ``test_faces.py``; the Ray Data / S3 / Ray Train path is in ``test_video_ray.py``."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trustlab.platform.data import faces as F
 from trustlab.methods.video.synth_video import build_synth_video_manifest, render_video, shared_real_dir
 from trustlab.platform.data.video import BadFileReport, decode_sampled, iter_clips, sample_indices
 
@@ -65,84 +64,6 @@ def test_decode_sampled_matches_full_decode(synth):
     err = np.abs(got.astype(int) - full[idx].astype(int)).mean(axis=(1, 2, 3))
     other = np.abs(got[0].astype(int) - full[19].astype(int)).mean()
     assert err.max() < 3.0 and other > err[0]  # the requested frames, in the requested order
-
-
-# ----------------------------------------------------------------------------- faces
-def test_box_geometry_and_smoothing():
-    sq = F.to_square((10, 20, 30, 40))
-    np.testing.assert_allclose(sq, [25, 40, 40])
-    assert F.enlarge((50, 50, 20), 1.3, 100, 100) == (37, 37, 63, 63)
-    assert F.enlarge((5, 5, 20), 1.3, 100, 100) == (0, 0, 26, 26)  # shifted inside, not shrunk
-    jitter = np.array([[50 + (-1) ** i * 4, 50, 20] for i in range(9)], float)
-    sm = F.smooth_squares(jitter, 5)
-    assert np.abs(np.diff(sm[:, 0])).max() < np.abs(np.diff(jitter[:, 0])).max() / 3
-    assert F.largest(np.array([[0, 0, 5, 5], [1, 1, 9, 9], [2, 2, 7, 7]]))[2] == 9
-
-
-def test_fallbacks_are_counted_never_dropped():
-    a = np.array([10.0, 10.0, 8.0])
-    sq, st = F.fill_missing([None, a, None, None, a + 1], 64, 64)
-    assert (st.frames, st.detected, st.fallback_prev, st.fallback_centre) == (5, 2, 3, 0)
-    np.testing.assert_allclose(sq[0], a)  # leading gap takes the first detection
-    np.testing.assert_allclose(sq[3], a)  # later gaps take the previous box
-    sq, st = F.fill_missing([None] * 4, 80, 60)
-    assert st.fallback_centre == 4 and np.allclose(sq[:, :2], [40, 30])
-
-
-def test_track_clip_on_synthetic_faces_counts_blank_frames(synth):
-    _, man = synth
-    uri = pd.read_csv(man)["uri"].iloc[0]
-    frames = decode_sampled(open(uri, "rb").read(), list(range(8)))
-    frames[2] = 128  # no face in frames 2 and 5
-    frames[5] = 128
-    det = F.FaceDetector()
-    crops, boxes, st = F.track_clip(frames, det, 48)
-    assert crops.shape == (8, 48, 48, 3)  # every frame is kept
-    assert st.detected == 6 and st.fallback_prev == 2 and st.frames == 8
-    # the box follows the face: its centre is near the frame centre where faces are drawn
-    c = (boxes[:, :2] + boxes[:, 2:]) / 2
-    assert np.abs(c - 32).max() < 12
-
-
-def test_real_video_faces_in_most_sampled_frames():
-    real = shared_real_dir()
-    path = os.path.join(real or "", "multiface_video.mp4")
-    if not real or not os.path.exists(path):
-        pytest.skip("shared/data/real/multiface_video.mp4 not present")
-    data = open(path, "rb").read()
-    idx = sample_indices(105, 16)
-    frames = decode_sampled(data, idx)
-    assert frames.shape == (16, 1080, 1920, 3)
-    det = F.FaceDetector(detect_width=640)
-    found = np.array([len(det.detect(f)) > 0 for f in frames])
-    # measured (detect_width 640, scaleFactor 1.1): whole-frame passes find a face in 15/16 (0.94)
-    # of these frames (31/32 of 32); tracking near the last face in 13/16 (27/32).
-    # Asserted: >= 0.75 and >= 11/16.
-    assert found.mean() >= 0.75, found
-    crops, boxes, st = F.track_clip(frames, det, 64)
-    assert crops.shape == (16, 64, 64, 3) and st.frames == 16
-    assert st.detected >= 11 and st.fallback == 16 - st.detected  # every miss is counted
-    side = boxes[:, 2] - boxes[:, 0]
-    assert side.min() >= 40 and side.max() < 600  # face-sized crops, not the whole 1080p frame
-
-
-def test_relaxed_neighbors_same_pass_fallback():
-    """A whole-frame pass groups its raw windows at min_neighbors and, only when nothing reaches
-    it, at relaxed_neighbors: identical boxes when the strict threshold finds the face, and a face
-    instead of nothing when it does not."""
-    import skimage.data as skd
-
-    img = np.ascontiguousarray(skd.astronaut())
-    strict = F.FaceDetector(detect_width=512).detect(img)
-    both = F.FaceDetector(detect_width=512, relaxed_neighbors=3).detect(img)
-    assert len(strict) >= 1 and np.array_equal(strict, both)
-    too_strict = F.FaceDetector(detect_width=512, min_neighbors=200)
-    assert len(too_strict.detect(img)) == 0
-    relaxed = F.FaceDetector(detect_width=512, min_neighbors=200, relaxed_neighbors=3).detect(img)
-    assert len(relaxed) >= 1
-    # the relaxed box is the same face: centre within a quarter of its side of the strict one
-    a, b = F.to_square(F.largest(strict)), F.to_square(F.largest(relaxed))
-    assert np.abs(a[:2] - b[:2]).max() < a[2] / 4
 
 
 # ----------------------------------------------------------------------------- synthetic set
@@ -203,7 +124,7 @@ def _touch(root, rel, data=b""):
 def test_ffpp_adapter(tmp_path):
     import json
 
-    from trustlab.platform.data.manifests import ffpp_manifest
+    from trustlab.platform.data.manifests import ManifestError, ffpp_manifest
 
     r = str(tmp_path)
     for c in ("c23", "c40"):
@@ -216,16 +137,17 @@ def test_ffpp_adapter(tmp_path):
     _touch(r, "splits/train.json", json.dumps([["000", "001"]]).encode())
     _touch(r, "splits/val.json", json.dumps([]).encode())
     _touch(r, "splits/test.json", json.dumps([["002", "003"]]).encode())
-    df = ffpp_manifest(r, compressions=["c23"])
-    assert len(df) == 4 + 8 + 1 and set(df["compression"]) == {"c23"}
+    with pytest.raises(ManifestError, match="Face2Face has no videos"):  # the four standard types by default
+        ffpp_manifest(r, compressions=["c23"])
+    df = ffpp_manifest(r, compressions=["c23"], manipulations=["Deepfakes", "FaceSwap"])
+    assert len(df) == 4 + 8 and set(df["compression"]) == {"c23"}  # actors only with DeepFakeDetection
     row = lambda vid: df.set_index("video_id").loc[vid]  # noqa: E731
     assert row("original/youtube/c23/000")["split"] == "train" and row("original/youtube/c23/000")["label"] == 0
     assert row("Deepfakes/c23/003_002")["split"] == "test" and row("Deepfakes/c23/003_002")["label"] == 1
     assert row("FaceSwap/c23/001_000")["manipulation"] == "FaceSwap"
-    assert row("original/actors/c23/01__walking")["split"] == "unassigned"
     assert row("Deepfakes/c23/000_001")["uri"].endswith("manipulated_sequences/Deepfakes/c23/videos/000_001.mp4")
     both = ffpp_manifest(r, compressions=["c23", "c40"], manipulations=["Deepfakes"])
-    assert len(both) == 2 * (4 + 4) + 1 and set(both["manipulation"]) == {"none", "Deepfakes"}
+    assert len(both) == 2 * (4 + 4) and set(both["manipulation"]) == {"none", "Deepfakes"}
 
 
 def test_celebdf_adapter(tmp_path):
@@ -248,7 +170,7 @@ def test_celebdf_adapter(tmp_path):
 def test_dfdc_adapter(tmp_path):
     import json
 
-    from trustlab.platform.data.manifests import dfdc_manifest
+    from trustlab.platform.data.manifests import ManifestError, dfdc_manifest
 
     r = str(tmp_path)
     for part, names in (("dfdc_train_part_0", ("a", "b", "c")), ("dfdc_train_part_1", ("d", "e"))):
@@ -261,13 +183,21 @@ def test_dfdc_adapter(tmp_path):
                {"d.mp4": {"label": "REAL", "split": "train"},
                 "e.mp4": {"label": "FAKE", "split": "train", "original": "d.mp4"}}
         _touch(r, f"{part}/metadata.json", json.dumps(meta).encode())
-    df = dfdc_manifest(r, test_parts=["dfdc_train_part_1"]).set_index("video_id")
+    df = dfdc_manifest(r, test_parts=["dfdc_train_part_1"], val_fraction=0.0).set_index("video_id")
     assert len(df) == 5 and df["label"].sum() == 3
     assert df.loc["dfdc_train_part_1/e", "split"] == "test" and df.loc["dfdc_train_part_0/b", "split"] == "train"
     by_frac = dfdc_manifest(r, val_fraction=0.5, test_fraction=0.0, seed=1).set_index("video_id")
     # a fake follows its original into the same split
     assert by_frac.loc["dfdc_train_part_0/b", "split"] == by_frac.loc["dfdc_train_part_0/a", "split"]
     assert by_frac.loc["dfdc_train_part_1/e", "split"] == by_frac.loc["dfdc_train_part_1/d", "split"]
+    with pytest.raises(ManifestError, match=r"without metadata.json or labels.csv: \['dfdc_test'\]"):
+        dfdc_manifest(r, test_parts=["dfdc_test"])
+    _touch(r, "test/videos/f.mp4")
+    _touch(r, "test/labels.csv", b"filename,label\nf.mp4,1\n")
+    with_test = dfdc_manifest(r, val_fraction=0.5).set_index("video_id")  # labels.csv = the test split
+    assert with_test.loc["test/f", "split"] == "test" and with_test.loc["test/f", "label"] == 1
+    assert with_test.loc["test/f", "uri"].endswith("test/videos/f.mp4")
+    assert set(with_test.drop("test/f")["split"]) <= {"train", "val"}
 
 
 # ----------------------------------------------------------------------------- bad files
@@ -313,18 +243,16 @@ def test_video_data_yaml_keys_and_comments(name):
 
     from omegaconf import OmegaConf
 
-    from trustlab.platform.data.video import DEFAULTS, video_data_config
+    from trustlab.platform.data.video import DEFAULTS, FACE_KNOBS, video_data_config
 
     path = os.path.join(os.path.dirname(__file__), "..", "experiments", "conf", "data", f"{name}.yaml")
     y = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     assert set(y) <= set(DEFAULTS), set(y) - set(DEFAULTS)  # every knob is one the data plane reads
-    # the face knobs are set in DEFAULTS only (every dataset and the Serve graph crop alike); the
-    # generated set's own knobs (synth, and where its files are stored) mean nothing to a real one
-    face = {"face_scale", "smooth", "decode_max_side", "detect_width", "scale_factor", "min_neighbors",
-            "relaxed_neighbors"}
-    generated = {"synth", "store", "bucket", "prefix"} if name != "synth_video" else set()
-    assert set(DEFAULTS) - set(y) <= face | generated
-    assert not set(y) & face
+    # the face knobs are set in DEFAULTS only (training, every dataset and serving crop alike)
+    # the generated set's own knobs (its generator and where its videos are uploaded) are absent from real sets
+    synth_only = {"synth", "store", "bucket", "prefix"} if name != "synth_video" else set()
+    assert set(DEFAULTS) - set(y) <= set(FACE_KNOBS) | synth_only, set(DEFAULTS) - set(y) - set(FACE_KNOBS) - synth_only
+    assert not set(y) & set(FACE_KNOBS)
     assert y["name"] == name
     for line in open(path):
         if re.match(r"^\s*[A-Za-z_]+:", line):

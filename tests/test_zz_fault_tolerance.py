@@ -4,7 +4,11 @@
   restarts its worker group from the last checkpoint and finishes with the metrics of an
   uninterrupted run;
 * with checkpoints on S3 (a moto server on 127.0.0.1), the driver process is killed mid-run and a
-  new driver rerunning the same run name resumes from the stored checkpoint.
+  new driver rerunning the same run name resumes from the stored checkpoint;
+* more than one node: a second Ray node on this machine joins the session's cluster, a 2-worker
+  run spreads over both nodes (``trainer.placement_strategy=SPREAD``), the second node is killed
+  by PID mid-epoch, and the elastic run (``trainer.min_workers=1``) resumes from its last
+  checkpoint with the one worker the head has room for and finishes.
 
 Progress comes from the workers' own log lines (rank 0 prints every step with its PID, forwarded
 to the driver by Ray) and from the run's storage: Ray Train registers a reported checkpoint when
@@ -28,7 +32,7 @@ import pytest
 import torch
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as SNAPSHOT
 
-from conftest import REPO, ci_overrides, compose, free_port
+from conftest import BIN, REPO, _pids_using, ci_overrides, compose, free_port, stop_pids, with_descendants
 
 EPOCHS = 3
 # F2C's CI run with epochs long enough to be interrupted (12 steps per worker per epoch), a
@@ -39,9 +43,10 @@ BASE = ["method=f2c", *ci_overrides("f2c"), "method.data.n_train=768", "method.d
         f"trainer.epochs={EPOCHS}", "trainer.lr=0.00003", "trainer.num_workers=2",
         "trainer.cpus_per_worker=0.5", "trainer.max_failures=1", "trainer.keep_checkpoints=null",
         "trainer.log_every=1"]
-STEP = re.compile(r"RayTrainWorker pid=(\d+)\)\S*\s+\[f2c:train\] epoch (\d+)/\d+ step (\d+)")
-DONE = re.compile(r"RayTrainWorker pid=(\d+)\)\S*\s+\[f2c:train\] epoch (\d+)/\d+ done")
-RESUMED = re.compile(r"RayTrainWorker pid=(\d+)\)\S*\s+\[f2c:train\] resumed from checkpoint at epoch (\d+)")
+WORKER = r"RayTrainWorker pid=(\d+)(?:, ip=[^)]*)?\)\S*\s+\[f2c:train\] "  # ip= when on another node
+STEP = re.compile(WORKER + r"epoch (\d+)/\d+ step (\d+)")
+DONE = re.compile(WORKER + r"epoch (\d+)/\d+ +(?:done|loss)")  # the line after an epoch
+RESUMED = re.compile(WORKER + r"resumed from checkpoint at epoch (\d+)")
 BUCKET = "trustlab-ft"
 
 
@@ -132,32 +137,26 @@ class Log:
             return self.text
 
 
-# ----------------------------------------------------------------------------- worker kill
-def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_head, tmp_path, data_root, capfd):
+def train_killing_mid_epoch(cfg: dict, storage_dir: str, epochs: int, log: Log, kill) -> tuple[dict, dict]:
+    """``train(cfg)`` while a thread waits until Ray Train has registered a checkpoint and rank 0
+    is inside the next epoch (step >= 1, not finished), then calls ``kill(pid, step)`` once (rank
+    0's PID and step; its dict goes into ``shot`` with ``registered``, the last registered epoch).
+    Returns ``(metrics, shot)``; an exception in the thread is ``shot["error"]``."""
     from trustlab.platform.experiment import train
 
-    ov = BASE + [f"method.data.root={data_root}"]
-    clean = train(compose(ov + ["run.name=clean"], tmp_path))
-    capfd.readouterr()
-    log = Log(capfd)
     shot: dict = {}
     stop = threading.Event()
-
-    storage_dir = os.path.join(tmp_path, "killed", "ray", "killed-train")
     seen: dict = {}
 
-    def killer():  # kill rank 0 inside the epoch after the last registered checkpoint
+    def killer():
         try:
             while not stop.is_set():
                 text = log.poll()
                 reg = registered_epochs(storage_dir, seen)
-                hit = reg and max(reg) < EPOCHS and mid_epoch_step(text, epoch=max(reg) + 1, min_step=1)
+                hit = reg and max(reg) < epochs and mid_epoch_step(text, epoch=max(reg) + 1, min_step=1)
                 if hit:
-                    pid, step = hit
-                    pids = train_worker_pids(ray_head["address"])
-                    shot.update(pid=pid, step=step, workers=pids, registered=max(reg))
-                    assert pid in pids, (pid, pids)
-                    os.kill(pid, signal.SIGKILL)
+                    shot["registered"] = max(reg)
+                    shot.update(kill(*hit))
                     return
                 time.sleep(0.05)
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
@@ -166,10 +165,30 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_head, tmp_path
     th = threading.Thread(target=killer, daemon=True)
     th.start()
     try:
-        killed = train(compose(ov + ["run.name=killed"], tmp_path))
+        metrics = train(cfg)
     finally:
         stop.set()
         th.join(30)
+    return metrics, shot
+
+
+# ----------------------------------------------------------------------------- worker kill
+def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_head, tmp_path, data_root, capfd):
+    from trustlab.platform.experiment import train
+
+    ov = BASE + [f"method.data.root={data_root}"]
+    clean = train(compose(ov + ["run.name=clean"], tmp_path))
+    capfd.readouterr()
+    log = Log(capfd)
+
+    def kill(pid, step):  # rank 0's worker process
+        pids = train_worker_pids(ray_head["address"])
+        assert pid in pids, (pid, pids)
+        os.kill(pid, signal.SIGKILL)
+        return {"pid": pid, "step": step, "workers": pids}
+
+    killed, shot = train_killing_mid_epoch(compose(ov + ["run.name=killed"], tmp_path),
+                                           os.path.join(tmp_path, "killed", "ray", "killed-train"), EPOCHS, log, kill)
     text = log.poll()
     (tmp_path / "driver.log").write_text(text)
     assert "error" not in shot, shot.get("error")
@@ -178,9 +197,10 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_head, tmp_path
     print(f"killed RayTrainWorker pid {pid} (of {sorted(shot['workers'])}) at epoch {last + 1} step "
           f"{shot['step']}; last registered checkpoint: epoch {last}")
     assert len(shot["workers"]) == 2 and not alive(pid)
-    # it died inside epoch last+1: it logged steps of that epoch but never finished it
+    # it died inside epoch last+1: it logged steps of that epoch, and that epoch's checkpoint is the
+    # resumed group's (the worker's log lines trail it, so it may have logged the epoch's end line)
     assert any(int(p) == pid and int(e) == last + 1 for p, e, _ in STEP.findall(text))
-    assert not any(int(p) == pid and int(e) == last + 1 for p, e in DONE.findall(text))
+    assert local_checkpoints(tmp_path, "killed")[last]["metrics"]["resumed_from_epoch"] == last
     # a new worker group resumed from the last registered checkpoint and finished
     resumed = [(int(p), int(e)) for p, e in RESUMED.findall(text)]
     hist = killed["train_history"]["train"]
@@ -206,6 +226,136 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_head, tmp_path
         print(f"{split} frame: clean auc {c['auc']:.4f} ap {c['ap']:.4f} | killed auc {k['auc']:.4f} ap {k['ap']:.4f}")
         assert c["auc"] > 0.85 and k["auc"] > 0.85
         assert abs(c["auc"] - k["auc"]) <= 0.03 and abs(c["ap"] - k["ap"]) <= 0.03
+
+
+# ----------------------------------------------------------------------------- a node lost
+def loopback_alias() -> str | None:
+    """A host name of 127.0.0.1 that Ray does not take for "localhost" (``ray start`` of a worker
+    node replaces a localhost address by the machine's routable address, where the session's head,
+    bound to loopback, is not listening): this machine's name when it resolves to 127.0.0.1."""
+    import socket
+
+    from ray._private.services import is_localhost
+
+    for name in (socket.gethostname(), socket.getfqdn(), "localhost.localdomain"):
+        try:
+            if socket.gethostbyname(name) == "127.0.0.1" and not is_localhost(name):
+                return name
+        except OSError:
+            continue
+    return None
+
+
+def start_worker_node(ray_head, num_cpus: int = 1) -> dict:
+    """``ray start --address=<head>``: a second node on this machine with its own temp dir and
+    ports; returns its temp dir and node id (found by its object store socket, inside that dir)."""
+    import ray
+    import tempfile
+
+    host = loopback_alias()
+    if host is None:
+        pytest.skip("no host name of 127.0.0.1 other than localhost: a second node cannot reach the loopback head")
+    node_dir = tempfile.mkdtemp(prefix="tln", dir="/tmp")
+    port = ray_head["address"].rsplit(":", 1)[1]
+    cmd = [os.path.join(BIN, "ray"), "start", f"--address={host}:{port}", "--node-ip-address=127.0.0.1",
+           f"--num-cpus={num_cpus}", f"--temp-dir={node_dir}", f"--node-manager-port={free_port()}",
+           f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           f"--metrics-export-port={free_port()}", "--disable-usage-stats"]
+    # the session sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to keep Ray on loopback, which also makes
+    # `ray start` refuse to join a cluster; the head is reached through the loopback alias
+    env = dict(ray_head["env"], RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        r = subprocess.CompletedProcess(cmd, -1, e.stdout, e.stderr)
+    if r.returncode != 0:
+        stop_pids(with_descendants(_pids_using(node_dir)))
+        raise RuntimeError(f"ray start (worker node) failed:\n{r.stdout}\n{r.stderr}")
+
+    def node():
+        return next((n["NodeID"] for n in ray.nodes() if n["Alive"] and node_dir in n["ObjectStoreSocketName"]), None)
+
+    info = {"dir": node_dir, "node_id": wait_for(node, 60, "the worker node to join", poll=0.5)}
+    # Ray Train's elastic policy sizes a group from the node list of Ray's autoscaling coordinator,
+    # which rereads it every 20 s: have it reread now, or a run starting next may not see the node
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    ray.get(get_or_create_autoscaling_coordinator().get_reserved_resources.remote("trustlab-test", recompute=True),
+            timeout=60)
+    return info
+
+
+def train_workers_by_node(address: str) -> dict[int, str]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return {a.pid: a.node_id for a in actors}
+
+
+def test_node_lost_mid_epoch_elastic_run_resumes_on_what_is_left(ray_head, tmp_path, data_root, capfd):
+    import ray
+
+    head_id = ray.get_runtime_context().get_node_id()
+    head_cpus = int(next(n for n in ray.nodes() if n["NodeID"] == head_id)["Resources"]["CPU"])
+    # every node has room for exactly one training worker: a worker asks for all of a node's
+    # (logical) CPUs, the head's and the new node's alike, and uses one thread. Ray Train's elastic
+    # policy counts the workers a node's *total* resources fit, so this is what makes the group
+    # shrink to one worker when the second node is gone.
+    node = start_worker_node(ray_head, num_cpus=head_cpus)
+    # the module's F2C set (12 steps per worker per epoch, 32-pixel images); elastic 1..2 workers
+    # spread over the nodes, one failure tolerated, every checkpoint kept, every step logged. Ray
+    # Train's elastic policy sees the cluster's nodes as its autoscaling coordinator last read them
+    # (every 20 s), so the first restart may still ask for the lost node's worker: a short start
+    # timeout (45 s) retries it with what is left instead of waiting out trustlab's 600 s default.
+    ov = ["method=f2c", *ci_overrides("f2c"), "method.data.n_train=768", "method.data.n_test=256",
+          f"method.data.root={data_root}", "trainer.epochs=3", "trainer.num_workers=2", "trainer.min_workers=1",
+          f"trainer.cpus_per_worker={head_cpus}", "trainer.threads_per_worker=1",
+          "trainer.placement_strategy=SPREAD", "trainer.max_failures=1", "trainer.start_timeout_s=45",
+          "trainer.keep_checkpoints=null", "trainer.log_every=1", "run.name=node-lost"]
+    capfd.readouterr()
+    log = Log(capfd)
+
+    def kill(pid, step):  # every process of the second node: its raylet, agents and workers
+        workers = train_workers_by_node(ray_head["address"])
+        pids = with_descendants(_pids_using(node["dir"]))
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return {"workers": workers, "killed": pids}
+
+    shot: dict = {}
+    try:
+        metrics, shot = train_killing_mid_epoch(compose(ov, tmp_path),
+                                                os.path.join(tmp_path, "node-lost", "ray", "node-lost-train"), 3, log, kill)
+    finally:
+        stop_pids(with_descendants(_pids_using(node["dir"])) + shot.get("killed", []))  # the node, by PID
+    text = log.poll()
+    (tmp_path / "driver.log").write_text(text)
+    assert "error" not in shot, shot.get("error")
+    assert "workers" in shot, f"the node was not killed mid-epoch (log: {tmp_path / 'driver.log'})"
+    last = shot["registered"]
+    on = shot["workers"]
+    print(f"workers before the loss: {on}; killed node {node['node_id'][:8]} ({len(shot['killed'])} processes) "
+          f"in epoch {last + 1}; last registered checkpoint: epoch {last}")
+    # SPREAD: one worker on each node
+    assert sorted(on.values()) == sorted([head_id, node["node_id"]]), on
+    assert not any(alive(p) for p in shot["killed"])
+    wait_for(lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == node["node_id"]), 60,
+             "the lost node to be marked dead", poll=1)
+    # resumed from the last registered checkpoint with one worker (on the head) and finished
+    hist = metrics["train_history"]["train"]
+    assert hist["epoch"] == 3 and hist["resumed_from_epoch"] == last, hist
+    assert {int(e) for _, e in RESUMED.findall(text)} == {last}
+    states = local_checkpoints(tmp_path, "node-lost")
+    assert [s["epoch"] for s in states] == [1, 2, 3]
+    steps = [s["metrics"]["steps"] for s in states]
+    assert steps[last] == 2 * steps[0], steps  # after the loss one worker takes every batch
+    assert metrics["test"]["frame"]["auc"] > 0.8, metrics["test"]
 
 
 # ----------------------------------------------------------------------------- S3 + driver restart

@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from trustlab.platform.registry import register_method
+from trustlab.platform.weights import create_timm
 
 
 def radial_frequency(h: int, w: int, device=None) -> torch.Tensor:
@@ -71,13 +71,8 @@ class F2CNet(nn.Module):
         m = cfg["method"]
         co = m["coeffs"]
         self.filter = SpectralFilter(m["tau"], co["a"], co["b"], co["c"], m["filter"])
-        self.backbone = timm.create_model(m["backbone"], pretrained=False, num_classes=1,
-                                          drop_rate=float(m.get("dropout", 0.0)))
-        if m.get("weights"):
-            from trustlab.platform.checkpoints import load_state
-
-            sd = load_state(m["weights"], cfg["run"].get("s3_endpoint"))
-            self.backbone.load_state_dict(sd.get("model", sd), strict=False)
+        self.backbone = create_timm(m["backbone"], m.get("weights"), cfg, what="the F2C backbone", num_classes=1,
+                                    drop_rate=float(m.get("dropout", 0.0)))
 
     def forward(self, x):
         return self.backbone(self.filter(x)).squeeze(-1)
@@ -91,8 +86,11 @@ class F2C:
         from trustlab.platform.data.genimage_synth import build_manifest, load_image_manifest
 
         d = cfg["method"]["data"]
-        if cfg["data"]["name"] != "auto":
-            return load_image_manifest(cfg["data"]["manifest"], d["size"])
+        if cfg["data"]["name"] != "auto":  # a real image set (data=genimage|cnnspot|aigcdetect|image_manifest), streamed
+            from trustlab.platform.data.images import image_datasets
+
+            return image_datasets(cfg["data"], int(d["size"]), seed=int(cfg["seed"]),
+                                  endpoint=cfg["run"].get("s3_endpoint"))[0]
         man = build_manifest(d["root"], int(cfg["seed"]), int(d["size"]), int(d["n_train"]),
                              int(d["n_val"]), int(d["n_test"]), float(d["artifact_strength"]))
         return load_image_manifest(man)

@@ -1,5 +1,7 @@
 """Checkpoint files: one ``model.pt`` per checkpoint directory holding the model's state, the
-optimizer's, the epoch, the stage and the resolved config (so eval and Serve can rebuild it)."""
+optimizer's, the epoch, the stage and the resolved config (so eval and Serve can rebuild it).
+An exported model folder (``trustlab.platform.runs``) may hold ``model.safetensors`` instead, with
+the config in ``config.yaml`` beside it; ``load_state`` reads both the same way."""
 from __future__ import annotations
 
 import os
@@ -23,16 +25,48 @@ def save_state(path_dir: str, **state) -> str:
     return p
 
 
+SAFETENSORS_FILE = "model.safetensors"
+
+
+def _safetensors_state(data: bytes, config_yaml: bytes) -> dict:
+    """An exported ``model.safetensors`` + its ``config.yaml`` -> the state ``load_state`` returns."""
+    import yaml
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:  # metadata is read from a file
+        f.write(data)
+        f.flush()
+        with safe_open(f.name, framework="pt") as st:
+            meta = st.metadata() or {}
+    epoch = meta.get("epoch")
+    return {"model": load(data), "cfg": yaml.safe_load(config_yaml), "stage": meta.get("stage"),
+            "epoch": int(epoch) if epoch and epoch.isdigit() else None}
+
+
 def load_state(uri: str, endpoint: str | None = None) -> dict:
-    """Load a checkpoint from a ``model.pt`` file or a directory holding one, local or ``s3://``."""
+    """Load a checkpoint from a ``model.pt`` file or a directory holding one (or an exported
+    folder's ``model.safetensors`` + ``config.yaml``), local or ``s3://``."""
+    uri = str(uri)
     if storage.is_s3(uri):
-        if not uri.endswith(".pt"):
-            uri = uri.rstrip("/") + "/" + CKPT_FILE
         import io
 
+        if not uri.endswith((".pt", ".safetensors")):
+            base = uri.rstrip("/")
+            fs, path = storage.resolve(base + "/" + SAFETENSORS_FILE, endpoint)
+            import pyarrow.fs as pafs
+
+            uri = base + "/" + (SAFETENSORS_FILE if fs.get_file_info(path).type == pafs.FileType.File else CKPT_FILE)
+        if uri.endswith(".safetensors"):
+            return _safetensors_state(storage.read_bytes(uri, endpoint),
+                                      storage.read_bytes(uri.rsplit("/", 1)[0] + "/config.yaml", endpoint))
         return torch.load(io.BytesIO(storage.read_bytes(uri, endpoint)), map_location="cpu", weights_only=False)
     if os.path.isdir(uri):
-        uri = os.path.join(uri, CKPT_FILE)
+        pt, st = os.path.join(uri, CKPT_FILE), os.path.join(uri, SAFETENSORS_FILE)
+        uri = st if os.path.isfile(st) and not os.path.isfile(pt) else pt
+    if uri.endswith(".safetensors"):
+        with open(uri, "rb") as f, open(os.path.join(os.path.dirname(uri), "config.yaml"), "rb") as c:
+            return _safetensors_state(f.read(), c.read())
     return torch.load(uri, map_location="cpu", weights_only=False)
 
 

@@ -10,7 +10,7 @@ import os
 
 from omegaconf import OmegaConf
 
-GROUPS = ("method", "data", "trainer", "tune", "serve")
+GROUPS = ("method", "data", "trainer", "tune", "serve", "tracking")
 
 
 class ConfigError(ValueError):
@@ -64,7 +64,7 @@ def _top_keys(conf_dir: str) -> list[str]:
     return sorted(set(keys) | set(GROUPS))
 
 
-MODES = ("train", "eval", "tune", "serve")
+MODES = ("train", "eval", "tune", "serve", "export", "inspect")
 
 
 def validate(cfg: dict, conf_dir: str | None = None) -> None:
@@ -82,6 +82,14 @@ def validate(cfg: dict, conf_dir: str | None = None) -> None:
             raise ConfigError(f"trainer.{k} must be a positive integer, got {t.get(k)!r}")
     if float(t["cpus_per_worker"]) <= 0:
         raise ConfigError("trainer.cpus_per_worker must be > 0")
+    from trustlab.platform.train import GRAD_SYNC, PLACEMENT_STRATEGIES, PRECISIONS
+
+    for k, valid in (("precision", PRECISIONS), ("grad_sync", GRAD_SYNC), ("placement_strategy", PLACEMENT_STRATEGIES)):
+        if k in t and str(t[k]) not in valid:
+            raise ConfigError(f"trainer.{k} must be one of {', '.join(valid)}, got {t[k]!r}")
+    lo = t.get("min_workers")
+    if lo is not None and (not isinstance(lo, int) or not 1 <= lo <= t["num_workers"]):
+        raise ConfigError(f"trainer.min_workers must be null or an integer in 1..num_workers, got {lo!r}")
     from trustlab.platform.tune import validate_space
 
     validate_space((cfg["method"].get("tune") or {}).get("space"), cfg)

@@ -34,9 +34,13 @@ def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+GROUP_KEY = "generator"  # a split's column whose values get their own test metrics (image sets)
+
+
 @torch.no_grad()
-def score_batches(method, model, batches, cfg: dict, device="cpu"):
-    """Run ``method.predict`` over numpy batches; returns (labels, scores, vids) as numpy."""
+def score_batches(method, model, batches, cfg: dict, device="cpu", groups: list | None = None):
+    """Run ``method.predict`` over numpy batches; returns (labels, scores, vids) as numpy. With
+    ``groups`` (a list), each batch's ``GROUP_KEY`` column (or empty strings) is appended to it."""
     from trustlab.platform.method import as_bound
 
     method = as_bound(method)
@@ -48,6 +52,8 @@ def score_batches(method, model, batches, cfg: dict, device="cpu"):
         ss.append(s.detach().float().cpu().numpy().reshape(-1))
         ys.append(np.asarray(b["y"]).reshape(-1))
         vs.append(np.asarray(b["vid"]).reshape(-1) if "vid" in b else np.arange(len(ys[-1])))
+        if groups is not None:
+            groups.append(np.asarray(b[GROUP_KEY]).astype(str) if GROUP_KEY in b else np.full(len(ys[-1]), ""))
     if not ss:
         return np.zeros(0, int), np.zeros(0), np.zeros(0, int)
     return np.concatenate(ys), np.concatenate(ss), np.concatenate(vs)
@@ -59,14 +65,22 @@ def evaluate_arrays(method, model, arrays: dict, cfg: dict, device="cpu", batch_
     return detection_metrics(y, s, v, float(cfg["trainer"].get("threshold", 0.5))), (y, s, v)
 
 
-def evaluate_dataset(method, model, ds, cfg: dict, device="cpu") -> tuple[dict, tuple]:
-    """Same as ``evaluate_arrays`` for a ``ray.data.Dataset`` split (streamed, not materialised)."""
-    bs = int(cfg["trainer"]["eval_batch_size"])
-    y, s, v = score_batches(method, model, ds.iter_batches(batch_size=bs, batch_format="numpy"), cfg, device)
-    return detection_metrics(y, s, v, float(cfg["trainer"].get("threshold", 0.5))), (y, s, v)
-
-
 def evaluate_split(method, model, split, cfg: dict, device="cpu"):
-    if isinstance(split, dict):
-        return evaluate_arrays(method, model, split, cfg, device)
-    return evaluate_dataset(method, model, split, cfg, device)
+    """Detection metrics of a split (arrays or a Ray Dataset), plus ``by_generator`` (frame
+    metrics per value of the ``generator`` column) when the split holds several generators."""
+    bs = int(cfg["trainer"]["eval_batch_size"])
+    batches = iter_array_batches(split, bs) if isinstance(split, dict) else \
+        split.iter_batches(batch_size=bs, batch_format="numpy")
+    from trustlab.platform.progress import progress
+
+    batches = progress(batches, "scoring", total=-(-len(split["y"]) // bs) if isinstance(split, dict) else None,
+                       unit="batch")
+    groups: list = []
+    y, s, v = score_batches(method, model, batches, cfg, device, groups)
+    thr = float(cfg["trainer"].get("threshold", 0.5))
+    m = detection_metrics(y, s, v, thr)
+    g = np.concatenate(groups) if groups else np.zeros(0, str)
+    names = sorted(set(g.tolist()) - {""})
+    if len(names) > 1:
+        m["by_generator"] = {n: detection_metrics(y[g == n], s[g == n], v[g == n], thr)["frame"] for n in names}
+    return m, (y, s, v)

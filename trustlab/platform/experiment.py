@@ -1,7 +1,9 @@
 """Modes of the entry point: train, eval (tune and serve live in tune.py and trustlab.serve).
 
 A run folder ``<run.root>/<run.name>/`` holds ``config.yaml`` (resolved), ``metrics.json``,
-``roc.png``, ``checkpoints/best.pt`` and ``summary.txt`` (also printed at the end).
+``roc.png``, ``checkpoints/best.pt`` and ``summary.txt`` (also printed at the end). Both
+``config.yaml`` (``provenance.weights``) and the summary name the weights the run started from
+(source, resolved file, sha256).
 """
 from __future__ import annotations
 
@@ -12,15 +14,24 @@ from trustlab.platform import checkpoints as ck
 from trustlab.platform.config import to_yaml
 from trustlab.platform.evaluate import evaluate_split
 from trustlab.platform.registry import get_method
+from trustlab.platform.tracking import history_callbacks, tracked
 
 
 def run_name(cfg: dict) -> str:
     return cfg["run"].get("name") or f"{cfg['method']['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(cfg: dict) -> tuple[str, str]:
+def prepare_run_dir(cfg: dict, weights: list | None = None) -> tuple[str, str]:
+    """Make the run folder and write ``config.yaml`` with ``provenance.weights`` (``weights``, or
+    computed here: a missing weights file fails the run before anything trains)."""
+    from trustlab.platform.weights import provenance
+
     name = run_name(cfg)
     cfg["run"]["name"] = name
+    cfg.setdefault("provenance", {})["weights"] = provenance(cfg) if weights is None else weights
+    from trustlab.platform.runs import git_commit
+
+    cfg["provenance"]["commit"] = git_commit()  # the code the run ran (model cards name it)
     d = os.path.abspath(os.path.join(cfg["run"]["root"], name))
     os.makedirs(os.path.join(d, "checkpoints"), exist_ok=True)
     with open(os.path.join(d, "config.yaml"), "w") as f:
@@ -37,6 +48,8 @@ def summarize(cfg: dict, run_dir: str, metrics: dict, extra_lines=()) -> str:
             if m:
                 lines.append(f"{split:>5} {level:<6} " + "  ".join(
                     f"{k} {m[k]:.4f}" for k in ("auc", "ap", "eer", "acc") if k in m) + f"  (n={m.get('n')})")
+        for g, m in sorted((metrics.get(split, {}).get("by_generator") or {}).items()):
+            lines.append(f"{split:>5} {g}: auc {m['auc']:.4f}  acc {m['acc']:.4f}  (n={m.get('n')})")
     rows = [("method", metrics)] + sorted((metrics.get("baselines") or {}).items())
     for name, m in rows:  # FSCIL: accuracy per session, average, performance drop
         if isinstance(m, dict) and m.get("sessions"):
@@ -44,12 +57,29 @@ def summarize(cfg: dict, run_dir: str, metrics: dict, extra_lines=()) -> str:
                          + f"  average {m.get('average', float('nan')):.2f}  PD {m.get('pd', float('nan')):.2f}"
                          + f"  last {m.get('last', float('nan')):.2f}")
     lines.extend(str(x) for x in metrics.get("summary_lines") or [])  # a method's own report lines
+    from trustlab.platform.weights import provenance_lines
+
+    lines.extend(provenance_lines((cfg.get("provenance") or {}).get("weights") or []))
+    from trustlab.platform.data.images import bad_file_lines
+
+    lines.extend(bad_file_lines(metrics.get("data_errors")))
     lines.extend(extra_lines)
     text = "\n".join(lines)
     with open(os.path.join(run_dir, "summary.txt"), "w") as f:
         f.write(text + "\n")
     print(text, flush=True)
     return text
+
+
+def add_data_errors(metrics: dict) -> dict:
+    """``metrics["data_errors"]``: the files the run's streamed image sets could not read (after
+    evaluation, whose pass over the test split may find more)."""
+    from trustlab.platform.data.images import bad_file_summary
+
+    errors = bad_file_summary()
+    if errors is not None:
+        metrics["data_errors"] = errors
+    return metrics
 
 
 def evaluate_and_report(cfg, method, model, data, run_dir, fname="metrics.json", extra=None):
@@ -59,6 +89,7 @@ def evaluate_and_report(cfg, method, model, data, run_dir, fname="metrics.json",
     if method.has("evaluate"):
         metrics = method.evaluate(cfg, model, data, run_dir)
         metrics.update(extra or {})
+        add_data_errors(metrics)
         write_json(os.path.join(run_dir, fname), metrics)
         return metrics
     metrics, curves = {}, {}
@@ -71,30 +102,36 @@ def evaluate_and_report(cfg, method, model, data, run_dir, fname="metrics.json",
         metrics.update(method.after_train(cfg, model, data, run_dir) or {})
     if extra:
         metrics.update(extra)
+    add_data_errors(metrics)
     write_json(os.path.join(run_dir, fname), metrics)
     if curves:
         roc_plot(curves, os.path.join(run_dir, "roc.png"), title=f"{cfg['method']['name']} ROC")
     return metrics
 
 
+@tracked("train")
 def train(cfg: dict) -> dict:
     from trustlab.platform.runtime import init_ray
     from trustlab.platform.train import checkpoint_uri, fit_stage, load_model
 
+    from trustlab.platform.data.images import reset_reports
+
     name, run_dir = prepare_run_dir(cfg)
     method = get_method(cfg["method"]["name"])
     res = init_ray(cfg)
+    reset_reports()
     print(f"[trustlab] {method.name}: run {name} in {run_dir}; cluster {dict(res)}", flush=True)
     t0 = time.time()
     data = method.build_data(cfg)
     print(f"[trustlab] data ready in {time.time() - t0:.1f}s: " + ", ".join(
-        f"{k} {len(v['y']) if isinstance(v, dict) else v.count()}" for k, v in data.items()), flush=True)
+        f"{k} {len(v['y']) if isinstance(v, dict) else 'streamed'}" for k, v in data.items()), flush=True)
     init_from = cfg["method"].get("init_from")
     history = {}
     for stage in method.stages(cfg):
         print(f"[trustlab] stage {stage}: {method.stage_epochs(cfg, stage)} epochs on "
               f"{cfg['trainer']['num_workers']} worker(s)", flush=True)
-        result, best = fit_stage(cfg, stage, data, name, run_dir, init_from=init_from)
+        result, best = fit_stage(cfg, stage, data, name, run_dir, init_from=init_from,
+                                 callbacks=history_callbacks(cfg, run_dir))
         if best is None:
             raise RuntimeError(f"stage {stage} produced no checkpoint")
         init_from = checkpoint_uri(best, cfg)
@@ -122,6 +159,9 @@ def evaluate(cfg: dict) -> dict:
     uri = cfg["eval"].get("checkpoint") or os.path.join(run_dir, "checkpoints", "best.pt")
     state = ck.load_state(uri, cfg["run"].get("s3_endpoint"))
     method = get_method(cfg["method"]["name"])
+    from trustlab.platform.data.images import reset_reports
+
+    reset_reports()
     data = method.build_data(cfg)
     method, model = load_model(cfg, state)
     metrics = evaluate_and_report(cfg, method, model, data, run_dir, fname="metrics_eval.json",

@@ -89,17 +89,19 @@ def configure_optimizer(method, model: torch.nn.Module, cfg: dict, stage: str, s
 
 
 def to_batch(arrays: dict) -> dict:
-    """numpy arrays of one batch -> tensors (uint8 images become float in [0, 1])."""
+    """numpy arrays of one batch -> tensors (uint8 images become float in [0, 1]). One pass per
+    array: uint8 images are divided straight into a new float32 array; an array that owns its
+    writable memory (a gathered batch) is wrapped as it is; views and read-only (object-store)
+    arrays are copied, so a step never writes into the data set."""
     out = {}
     for k, v in arrays.items():
         v = np.asarray(v)
         if v.dtype.kind not in "biuf":  # strings / objects (paths, names) stay numpy
             out[k] = v
-            continue
-        t = torch.from_numpy(np.array(v, copy=True))  # object-store arrays are read-only
-        if k == "x" and t.dtype == torch.uint8:
-            t = t.float().div_(255.0)
-        out[k] = t
+        elif k == "x" and v.dtype == np.uint8:
+            out[k] = torch.from_numpy(np.divide(v, np.float32(255.0), dtype=np.float32))
+        else:
+            out[k] = torch.from_numpy(v if v.base is None and v.flags.writeable else v.copy())
     return out
 
 
@@ -129,7 +131,10 @@ DEFAULTS: dict[str, Callable] = {
 #:   Serve image path; a method without it is not served.
 #: - ``serve_adapter``: what Serve feeds ``serve_inputs``: ``"image"`` (default), ``"clip"``
 #:   (the frames of a face clip) or ``"image+caption"`` (``serve_inputs(images, cfg, captions)``).
-OPTIONAL = ("worker_loop_for", "validate", "evaluate", "after_train", "serve_inputs", "serve_adapter")
+#: - ``manifest(cfg)`` -> the manifest DataFrame of the run's dataset (``uri, label, split`` ...),
+#:   for datasets the data plane does not resolve by ``data.name`` (FSCIL benchmarks, face pairs);
+#:   ``mode=inspect`` counts and checks it. None = let the data plane resolve ``data.name``.
+OPTIONAL = ("worker_loop_for", "validate", "evaluate", "after_train", "serve_inputs", "serve_adapter", "manifest")
 
 
 class Bound:

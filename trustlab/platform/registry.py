@@ -51,7 +51,11 @@ def list_methods() -> list[str]:
 
 
 def get_method(name: str):
-    """The registered method object for ``name``; ``UnknownMethodError`` lists the valid ones."""
+    """The registered method object for ``name``; ``UnknownMethodError`` lists the valid ones.
+    A method already registered (its family imported) is returned without importing the others
+    (a script that imports one family, as benchmarks/gpu_step.py does, stays with that family)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
     _load_all()
     try:
         return _REGISTRY[name]

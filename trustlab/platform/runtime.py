@@ -10,6 +10,9 @@ def init_ray(cfg: dict | None = None) -> dict:
     """``ray.init`` once. Under ``ray job submit`` (or with ``RAY_ADDRESS``/``ray.address`` set)
     this joins that cluster; otherwise it starts a local Ray with this machine's CPUs and GPUs."""
     rcfg = (cfg or {}).get("ray", {}) or {}
+    from trustlab.platform.progress import quiet_ray
+
+    quiet_ray(bool(((cfg or {}).get("run") or {}).get("verbose")))
     # Ray Train gives a worker group 60 s to start, then retries with a new placement group while
     # the old one is still being released; on a loaded machine (importing torch in several
     # workers at once) that retry loop can hold every CPU. Allow a slow start instead.

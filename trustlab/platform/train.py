@@ -2,16 +2,23 @@
 
 Each stage of a method is one ``TorchTrainer`` run named ``<run>-<stage>``. The per-worker loop:
 shard -> ``method.loss_step`` -> optimizer -> one ``ray.train.report(metrics, checkpoint)`` per
-epoch (ASHA rungs are epochs). Gradients are averaged across workers with one flat all-reduce
-after ``backward`` rather than through DDP's forward hook, so a method's ``loss_step`` may call
-any sub-module of its model. Checkpoints are ranked by ``val_score`` (the validation metric, never
-the test split); rerunning with the same run name and storage resumes from the latest checkpoint.
+epoch (ASHA rungs are epochs). Every loop, the generic one and a method's own, gets the GPU
+machinery through its ``WorkerContext``: mixed precision (``trainer.precision``: autocast, a
+gradient scaler for fp16), gradient averaging that overlaps the backward pass (``GradSync``:
+bucketed asynchronous all-reduce hooks, not a DDP wrapper, so a method's ``loss_step`` may call
+any sub-module of its model), ``torch.compile`` (``trainer.compile``), channels-last CNNs, and
+batches prepared ahead in a background thread, pinned and copied without blocking. Checkpoints
+are ranked by ``val_score`` (the validation metric, never the test split); rerunning with the
+same run name and storage resumes from the latest checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import queue
+import threading
 import time
 
 import numpy as np
@@ -22,11 +29,38 @@ from trustlab.platform import storage
 from trustlab.platform.evaluate import iter_array_batches, score_batches, to_device
 from trustlab.platform.metrics import detection_metrics
 from trustlab.platform.method import Step
+from trustlab.platform.progress import epoch_line, quiet_train_worker
 from trustlab.platform.registry import get_method
 
 
 # ----------------------------------------------------------------------------- worker side
-def _allreduce_grads(params, world: int) -> None:
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAD_SYNC = ("bucketed", "flat")
+
+
+def resolve_precision(value, device) -> str:
+    """``trainer.precision`` on ``device``: ``auto`` is bf16 on a GPU that supports it, else fp32
+    (on a CPU, bf16 autocast is slower than fp32 for most kernels: ask for it explicitly)."""
+    p = str(value if value is not None else "auto").lower()
+    if p not in PRECISIONS:
+        raise ValueError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, not {value!r}")
+    if p == "auto":
+        cuda = torch.device(device).type == "cuda"
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    return p
+
+
+def resolve_auto(value, on_gpu: bool, when_auto):
+    """A knob that may be ``auto``: its value on a GPU worker is ``when_auto``, elsewhere off."""
+    if isinstance(value, str) and value.lower() == "auto":
+        return when_auto if on_gpu else type(when_auto)()
+    return value
+
+
+def _allreduce_grads(params, world: int, group=None) -> None:
+    """Average the existing gradients of ``params`` over ``world`` ranks with one flat all-reduce."""
     if world <= 1:
         return
     import torch.distributed as dist
@@ -36,10 +70,191 @@ def _allreduce_grads(params, world: int) -> None:
     if not grads:
         return
     flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=group)
     flat.div_(world)
     for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):
         g.copy_(r)
+
+
+class GradSync:
+    """Gradient averaging over ``world`` ranks that overlaps the backward pass, as DDP's buckets
+    do, without wrapping the model (a method's ``loss_step`` may call any sub-module).
+
+    The parameters are cut into buckets of about ``bucket_mb`` MB in reverse order (the order in
+    which backward tends to produce their gradients); after the first step the buckets are
+    rebuilt in the order rank 0's gradients actually arrived, parameters that got none last (as
+    DDP rebuilds its buckets), so an unused head does not hold the others back. While armed
+    (``arm()``, just before backward) a post-accumulate-grad hook on each parameter counts it
+    in; once every parameter of a bucket has its gradient, the bucket is flattened and
+    all-reduced asynchronously (``async_op=True``) while backward goes on. Buckets are launched strictly in order, so every
+    rank issues the same collectives in the same order. ``wait()`` (before the optimizer step)
+    launches what is left (a bucket with a parameter that got no gradient in this pass goes
+    with the gradients that exist, as the flat all-reduce did), waits for every bucket and
+    writes the averages back: the same result as one flat all-reduce after backward.
+    Hooks of an unarmed sync do nothing, so another loss's backward through these parameters (a
+    generator's loss through its critic) launches nothing; a second ``arm()`` before ``wait()``
+    (two backward passes into the same gradients) falls back to one flat all-reduce.
+    ``overlap=False`` registers no hooks: ``wait()`` is the flat all-reduce."""
+
+    def __init__(self, params, world: int, bucket_mb: float = 25.0, overlap: bool = True, group=None):
+        seen: set[int] = set()
+        self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self.world, self.group = world, group
+        self.cap = max(1.0, float(bucket_mb) * 2**20)
+        self._bucketize(list(reversed(self.params)))
+        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params] if overlap else []
+        self.armed = self.redo = self.rebuilt = False
+        self.left: list[int] = []
+        self.next = 0
+        self.works: list = []
+        self.arrived: list[int] = []  # parameter indices in the order their gradients arrived (first step)
+        self.launched_in_backward = 0  # buckets launched by the hooks in the last step (the overlap)
+
+    def _bucketize(self, ordered: list) -> None:
+        self.buckets: list[list[torch.Tensor]] = []
+        size, key = 0, None
+        for p in ordered:
+            nbytes = p.numel() * p.element_size()
+            if not self.buckets or (p.dtype, p.device) != key or (size > 0 and size + nbytes > self.cap):
+                self.buckets.append([])
+                size, key = 0, (p.dtype, p.device)
+            self.buckets[-1].append(p)
+            size += nbytes
+        self.bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+
+    def _rebuild(self) -> None:
+        """Buckets in rank 0's arrival order (broadcast, so every rank has the same layout)."""
+        import torch.distributed as dist
+
+        order = [self.arrived]
+        dist.broadcast_object_list(order, src=0, group=self.group)
+        first = [self.params[i] for i in order[0]]
+        got = {id(p) for p in first}
+        self._bucketize(first + [p for p in reversed(self.params) if id(p) not in got])
+        self.rebuilt = True
+
+    def arm(self) -> None:
+        if self.armed:
+            self.redo = True
+            return
+        self.armed, self.redo = True, False
+        self.left = [len(b) for b in self.buckets]
+        self.next, self.works, self.launched_in_backward = 0, [], 0
+        if not self.rebuilt:
+            self.arrived = []
+
+    def _ready(self, p: torch.Tensor) -> None:
+        if not self.armed or self.redo:
+            return
+        if not self.rebuilt:
+            self.arrived.append(self._index[id(p)])
+        i = self.bucket_of[id(p)]
+        self.left[i] -= 1
+        while self.next < len(self.buckets) and self.left[self.next] <= 0:
+            self._launch(self.next)
+            self.launched_in_backward += 1
+
+    def _launch(self, i: int) -> None:
+        import torch.distributed as dist
+
+        self.next = i + 1
+        grads = [p.grad for p in self.buckets[i] if p.grad is not None]
+        if grads:  # always a copy (flattening one tensor would give a view of the gradient itself)
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            self.works.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, grads))
+
+    def wait(self) -> None:
+        from torch._utils import _unflatten_dense_tensors
+
+        if self.armed and not self.redo and self.handles:
+            while self.next < len(self.buckets):
+                self._launch(self.next)
+            for work, flat, grads in self.works:
+                work.wait()
+                flat.div_(self.world)
+                for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                    g.copy_(r)
+            if not self.rebuilt:
+                self._rebuild()
+        else:
+            for work, _, _ in self.works:  # launched before a second backward: complete, then redo flat
+                work.wait()
+            _allreduce_grads(self.params, self.world, self.group)
+        self.armed = self.redo = False
+        self.works = []
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class LossSums:
+    """A step's loss parts summed over an epoch without a host sync per step: running float64
+    sums on the device (the same arithmetic as adding Python floats), read by ``means()``."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.steps = 0
+
+    def add(self, out: dict) -> None:
+        self.steps += 1
+        for k, v in out.items():
+            if torch.is_tensor(v):
+                v = v.detach().reshape(()).to(torch.float64)
+                if k in self.sums and torch.is_tensor(self.sums[k]):
+                    self.sums[k].add_(v)
+                    continue
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def means(self) -> dict[str, float]:
+        """Per-step means (dividing by every step taken, as a part missing in a step counts 0)."""
+        return {k: float(v) / max(1, self.steps) for k, v in self.sums.items()}
+
+
+class _Raised:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def prefetch(it, depth: int):
+    """Iterate ``it`` in a background thread, ``depth`` items ahead (its exceptions re-raised here)."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in it:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(_Raised(e))
+
+    th = threading.Thread(target=work, name="trustlab-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        th.join(timeout=5)
 
 
 class WorkerContext:
@@ -47,6 +262,18 @@ class WorkerContext:
     the model with its starting weights, restore from ``ray.train.get_checkpoint()``, this
     worker's batches, gather and gradient all-reduce across workers, the ``Step`` a hook sees,
     and one checkpoint + ``ray.train.report`` per epoch (rank 0 writes the checkpoint).
+
+    A training step in any loop goes through it, so every loop gets the same precision,
+    gradient synchronisation, compilation and input pipeline::
+
+        model = ctx.prepare(ctx.build_model(to_device=False))    # device, channels-last
+        loss_fn = ctx.compiled(fn)                                 # torch.compile when asked
+        for batch in ctx.batches(epoch):                           # prefetched, on the device
+            with ctx.autocast():                                   # trainer.precision
+                out = loss_fn(model, batch)
+            opt.zero_grad(set_to_none=True)
+            ctx.backward(out["loss"], opt)                         # grads all-reduced in buckets
+            ctx.optimizer_step(opt)                                # wait, unscale, clip, step
 
     ``WorkerContext.from_ray(config)`` inside a Ray Train worker; ``WorkerContext.local(...)``
     runs the same loops in one process without Ray (tests, benchmarks), where ``report`` keeps
@@ -56,7 +283,7 @@ class WorkerContext:
                  data: dict | None = None, shards: dict | None = None, init_from=None, ray_session: bool = False,
                  threads: bool = True, validate: bool = True, verbose: bool = True):
         self.cfg, self.stage, self.epochs = cfg, stage, int(epochs)
-        self.rank, self.world, self.device = rank, world, device
+        self.rank, self.world, self.device = rank, world, torch.device(device)
         self.method = get_method(cfg["method"]["name"])
         self.data = data or {}
         self.shards = shards or {}
@@ -69,17 +296,39 @@ class WorkerContext:
         self.validate = validate  # run the per-epoch validation (a local run may skip it)
         self.verbose = verbose
         if threads:  # one worker's share of the cores; more threads than that slow a shared machine
-            torch.set_num_threads(max(1, int(math.ceil(float(cfg["trainer"]["cpus_per_worker"])))))
+            n = cfg["trainer"].get("threads_per_worker") or math.ceil(float(cfg["trainer"]["cpus_per_worker"]))
+            torch.set_num_threads(max(1, int(n)))
         torch.manual_seed(self.seed)
         np.random.seed(self.seed + rank)
+        t = cfg["trainer"]
+        gpu = self.device.type == "cuda"
+        if gpu and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+        self.precision = resolve_precision(t.get("precision", "auto"), self.device)
+        self.amp_dtype = AMP_DTYPES.get(self.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.grad_sync = str(t.get("grad_sync", "bucketed"))
+        if self.grad_sync not in GRAD_SYNC:
+            raise ValueError(f"trainer.grad_sync must be one of {', '.join(GRAD_SYNC)}, not {self.grad_sync!r}")
+        self.bucket_mb = float(t.get("grad_bucket_mb", 25))
+        self.channels_last = bool(resolve_auto(t.get("channels_last", "auto"), gpu, True))
+        self.prefetch_depth = int(resolve_auto(t.get("prefetch_batches", "auto"), gpu, 2) or 0)
+        self.compile = t.get("compile", False)
+        self._syncs: dict[int, GradSync] = {}
 
     @classmethod
     def from_ray(cls, config: dict) -> "WorkerContext":
+        """The context of this Ray Train worker. ``config["context"]``, when it holds a ready
+        (local) context, is returned as it is: a method's own loop ``fn(config)`` then runs in one
+        process without Ray (``fn({"context": WorkerContext.local(...)})``; benchmarks, tests)."""
+        if isinstance(config.get("context"), cls):  # a ready local context: an own loop run without Ray
+            return config["context"]
         import ray
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
+        quiet_train_worker(bool(config["cfg"]["run"].get("verbose")))
         data = ray.get(config["data_ref"]) if config.get("data_ref") is not None else {}
         shards = {s: ray.train.get_dataset_shard(s) for s in config.get("ray_datasets", [])}
         return cls(config["cfg"], config["stage"], config["epochs"], rank=ctx.get_world_rank(),
@@ -88,12 +337,13 @@ class WorkerContext:
 
     @classmethod
     def local(cls, cfg: dict, stage: str, data: dict, epochs: int | None = None, init_from=None,
-              validate: bool = False) -> "WorkerContext":
+              validate: bool = False, device="cpu") -> "WorkerContext":
         """One process, no Ray. With ``validate`` each epoch is validated and ``best_state`` keeps
         the model state a Ray stage's checkpoint ranking would select (best ``val_score``)."""
         method = get_method(cfg["method"]["name"])
         n = method.stage_epochs(cfg, stage) if epochs is None else epochs
-        return cls(cfg, stage, n, data=data, init_from=init_from, threads=False, validate=validate, verbose=False)
+        return cls(cfg, stage, n, data=data, init_from=init_from, threads=False, validate=validate, verbose=False,
+                   device=device)
 
     # ---- model and restore
     def build_model(self, to_device: bool = True) -> torch.nn.Module:
@@ -125,6 +375,8 @@ class WorkerContext:
                 o.load_state_dict(saved[k])
         elif optimizer is not None and saved is not None:
             optimizer.load_state_dict(saved)
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         self.done = int(state.get("step") or 0)
         start = int(state["epoch"])
         self.log(f"resumed from checkpoint at epoch {start}")
@@ -137,13 +389,41 @@ class WorkerContext:
         bs = int(batch_size or self.cfg["trainer"]["batch_size"])
         if split in self.shards:
             yield from self.shards[split].iter_batches(batch_size=bs, batch_format="numpy",
-                                                       local_shuffle_buffer_size=4 * bs)
+                                                       local_shuffle_buffer_size=4 * bs,
+                                                       prefetch_batches=max(1, self.prefetch_depth))
             return
         arrays = self.data[split]
         n = len(arrays["y"])
         perm = np.random.default_rng(self.seed + 1000 * epoch).permutation(n)
         per = n // self.world
         yield from iter_array_batches(arrays, bs, perm[self.rank * per : (self.rank + 1) * per])
+
+    def batches(self, epoch: int, split: str = "train", batch_size: int | None = None):
+        """``train_batches`` ready for a step: ``method.to_batch`` applied, pinned and copied to the
+        device without blocking (CUDA), 4-D float ``x`` channels-last when that is on. With
+        ``trainer.prefetch_batches`` > 0 the next batches are gathered, converted and pinned in a
+        background thread while the current step runs."""
+        pin = self.device.type == "cuda"
+        to_batch = self.method.to_batch
+
+        def host(b):
+            t = to_batch(b)
+            return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in t.items()} if pin else t
+
+        it = map(host, self.train_batches(epoch, split, batch_size))
+        if self.prefetch_depth > 0:
+            it = prefetch(it, self.prefetch_depth)
+        for t in it:
+            yield self.to_device(t)
+
+    def to_device(self, batch: dict) -> dict:
+        """A batch of tensors on this worker's device (non-blocking from pinned memory), ``x``
+        channels-last when that is on and it is a 4-D float image batch."""
+        out = to_device(batch, self.device)
+        x = out.get("x")
+        if self.channels_last and torch.is_tensor(x) and x.dim() == 4 and x.is_floating_point():
+            out["x"] = x.contiguous(memory_format=torch.channels_last)
+        return out
 
     def val_batches(self, split: str = "val", batch_size: int | None = None):
         bs = int(batch_size or self.cfg["trainer"]["eval_batch_size"])
@@ -177,9 +457,67 @@ class WorkerContext:
         return out
 
     def allreduce_grads(self, params) -> None:
-        """Average the gradients of ``params`` over workers (one flat all-reduce after backward,
-        so a method's ``loss_step`` may call any sub-module of its model)."""
+        """Average the gradients of ``params`` over workers now (one flat all-reduce); the steps
+        below (``backward`` + ``optimizer_step``) overlap it with backward instead."""
         _allreduce_grads(list(params), self.world)
+
+    # ---- precision, gradient synchronisation, compilation
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` on this worker's device, channels-last when ``trainer.channels_last`` is on
+        (``auto``: on a GPU, for a model with 2-D convolutions)."""
+        model = model.to(self.device)
+        if self.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def autocast(self):
+        """``torch.autocast`` at ``trainer.precision`` (a no-op at fp32): around forward and loss."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                              enabled=self.amp_dtype is not None)
+
+    def compiled(self, fn):
+        """``fn`` compiled with ``torch.compile`` when ``trainer.compile`` is on: ``true`` (default
+        mode), a mode (``reduce-overhead``, ``max-autotune``, ``max-autotune-no-cudagraphs``) or
+        a backend name (``aot_eager``, ``eager``: for debugging); else ``fn`` itself."""
+        c = self.compile
+        if c is None or c is False or str(c).lower() in ("false", "off", "none", "0"):
+            return fn
+        if c is True or str(c).lower() in ("true", "on"):
+            return torch.compile(fn)
+        return torch.compile(fn, mode=c) if c in COMPILE_MODES else torch.compile(fn, backend=c)
+
+    def grad_sync_for(self, optimizer) -> GradSync | None:
+        """The ``GradSync`` of ``optimizer``'s parameters (made on first use; None on one worker)."""
+        if self.world <= 1:
+            return None
+        sync = self._syncs.get(id(optimizer))
+        if sync is None:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            sync = self._syncs[id(optimizer)] = GradSync(params, self.world, self.bucket_mb,
+                                                         overlap=self.grad_sync == "bucketed")
+        return sync
+
+    def backward(self, loss: torch.Tensor, optimizer) -> None:
+        """``loss.backward()`` (scaled at fp16); on several workers the gradients of
+        ``optimizer``'s parameters are all-reduced bucket by bucket while backward runs."""
+        sync = self.grad_sync_for(optimizer)
+        if sync is not None:
+            sync.arm()
+        self.scaler.scale(loss).backward()
+
+    def optimizer_step(self, optimizer) -> None:
+        """Finish the all-reduce of ``optimizer``'s gradients, clip them to ``trainer.grad_clip``
+        when set (unscaled first at fp16), step (skipped by the scaler when fp16 overflowed) and
+        update the loss scale."""
+        sync = self.grad_sync_for(optimizer)
+        if sync is not None:
+            sync.wait()
+        clip = self.cfg["trainer"].get("grad_clip")
+        if clip:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], float(clip))
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Make every rank's ``module`` equal to rank 0's."""
@@ -214,8 +552,9 @@ class WorkerContext:
             else:
                 opt_state = optimizer.state_dict() if optimizer is not None else None
             d = ck.temp_dir()
+            extra = {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
             ck.save_state(d, model=ck.unwrap(model).state_dict(), optimizer=opt_state, epoch=epoch,
-                          step=self.done, stage=self.stage, metrics=metrics, cfg=self.cfg)
+                          step=self.done, stage=self.stage, metrics=metrics, cfg=self.cfg, **extra)
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -258,50 +597,42 @@ def validate(method, model, stage, cfg, batches, ctx: WorkerContext) -> dict:
 
 
 def run_epochs(ctx: WorkerContext) -> torch.nn.Module:
-    """The generic loop: shard -> ``method.loss_step`` -> optimizer -> validation -> one report
-    (and checkpoint) per epoch. Returns the trained model."""
+    """The generic loop: shard -> ``method.loss_step`` (under ``trainer.precision``, compiled
+    when ``trainer.compile``) -> backward with overlapped gradient all-reduce -> optimizer ->
+    validation -> one report (and checkpoint) per epoch. Returns the trained model. Loss parts
+    are summed on the device and read once per epoch (and every ``log_every`` steps)."""
     method, cfg, stage = ctx.method, ctx.cfg, ctx.stage
     t = cfg["trainer"]
-    model = ctx.build_model(to_device=False)
-    if ctx.ray_session:
-        import ray.train.torch
-
-        model = ray.train.torch.prepare_model(model, parallel_strategy=None)
-    else:
-        model = model.to(ctx.device)
+    model = ctx.prepare(ctx.build_model(to_device=False))
     opt = method.configure_optimizer(model, cfg, stage, steps_per_epoch=ctx.steps_per_epoch())
-    params = [p for p in model.parameters() if p.requires_grad]
     start_epoch = ctx.restore(model, opt)
+    loss_step = method.loss_step
+    loss_fn = ctx.compiled(lambda model, batch, step: loss_step(model, batch, stage, cfg, step))
     bs = int(t["batch_size"])
     log_every = int(t.get("log_every", 20))
     for epoch in range(start_epoch, ctx.epochs):
         model.train()
         t0 = time.time()
-        sums: dict[str, float] = {}
-        steps = 0
-        for b in ctx.train_batches(epoch):
-            batch = to_device(method.to_batch(b), ctx.device)
-            out = method.loss_step(model, batch, stage, cfg, ctx.step(epoch))
+        sums = LossSums()
+        for batch in ctx.batches(epoch):
+            with ctx.autocast():
+                out = loss_fn(model, batch, ctx.step(epoch))
             opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            ctx.allreduce_grads(params)
-            if t.get("grad_clip"):
-                torch.nn.utils.clip_grad_norm_(params, float(t["grad_clip"]))
-            opt.step()
+            ctx.backward(out["loss"], opt)
+            ctx.optimizer_step(opt)
             ctx.done += 1
-            steps += 1
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-            if log_every and steps % log_every == 0:
-                ctx.log(f"epoch {epoch + 1}/{ctx.epochs} step {steps} loss {sums['loss'] / steps:.4f}")
+            sums.add(out)
+            if log_every and sums.steps % log_every == 0:
+                ctx.log(f"epoch {epoch + 1}/{ctx.epochs} step {sums.steps} loss {sums.means()['loss']:.4f}")
+        steps = sums.steps
+        metrics = {f"train_{k}": v for k, v in sums.means().items()}  # waits for the epoch's last step
         train_time = time.time() - t0
-        metrics = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}
         if ctx.validate:
-            metrics.update(validate(method, model, stage, cfg, ctx.val_batches(), ctx))
+            with ctx.autocast():
+                metrics.update(validate(method, model, stage, cfg, ctx.val_batches(), ctx))
         metrics.update(steps=steps, train_seconds=train_time, resumed_from_epoch=start_epoch,
                        samples_per_second=steps * bs / max(train_time, 1e-9))
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("train_loss", "val_")) and isinstance(v, float))
-        ctx.log(f"epoch {epoch + 1}/{ctx.epochs} done in {train_time:.1f}s: {shown}")
+        ctx.log(epoch_line(epoch + 1, ctx.epochs, metrics, time.time() - t0, ctx.world, t.get("select_metric", "val_auc")))
         ctx.report(metrics, model, opt, epoch=epoch + 1)
     return model
 
@@ -321,14 +652,28 @@ def storage_for(cfg: dict, run_dir: str):
     return os.path.abspath(uri), None
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 def scaling_config(cfg: dict, use_gpu: bool):
+    """``trainer.num_workers`` workers placed by ``trainer.placement_strategy``; with
+    ``trainer.min_workers`` below ``num_workers`` the group is elastic (Ray Train v2:
+    ``num_workers=(min, max)``): it starts, and restarts after a failure, with as many workers
+    as the cluster has room for, at least ``min_workers``."""
     from ray.train import ScalingConfig
 
     t = cfg["trainer"]
     res = {"CPU": float(t["cpus_per_worker"])}
     if use_gpu:
         res["GPU"] = float(t.get("gpus_per_worker", 1))
-    return ScalingConfig(num_workers=int(t["num_workers"]), use_gpu=use_gpu, resources_per_worker=res)
+    n = int(t["num_workers"])
+    lo = t.get("min_workers")
+    workers = (int(lo), n) if lo is not None and int(lo) < n else n
+    strategy = str(t.get("placement_strategy") or "PACK").upper()
+    if strategy not in PLACEMENT_STRATEGIES:
+        raise ValueError(f"trainer.placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, not {strategy!r}")
+    return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=res,
+                         placement_strategy=strategy)
 
 
 def split_data(data: dict):
@@ -342,7 +687,7 @@ def fit_stage(cfg: dict, stage: str, data: dict, run_name: str, run_dir: str,
               init_from: str | None = None, callbacks=None):
     """One ``TorchTrainer.fit`` for one stage; returns ``(result, best_checkpoint)``."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from trustlab.platform.runtime import use_gpu
@@ -371,10 +716,33 @@ def fit_stage(cfg: dict, stage: str, data: dict, run_name: str, run_dir: str,
             ),
             failure_config=FailureConfig(max_failures=int(t.get("max_failures", 0))),
             callbacks=callbacks,
+            # Ray Train's per-report INFO lines (each rank's metrics dict) only with run.verbose=true
+            logging_config=LoggingConfig(log_level="INFO" if cfg["run"].get("verbose") else "WARNING"),
         ),
     )
-    result = trainer.fit()
+    with _environ(START_TIMEOUT_ENV, t.get("start_timeout_s")):  # read by trainer.fit (the controller's env)
+        result = trainer.fit()
     return result, best_checkpoint(result, method.stage_selects(cfg, stage))
+
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+@contextlib.contextmanager
+def _environ(key: str, value):
+    """``os.environ[key] = value`` inside the block (nothing when ``value`` is None)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(key)
+    os.environ[key] = str(value)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def best_checkpoint(result, select: bool = True):

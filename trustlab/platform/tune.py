@@ -12,10 +12,12 @@ trial with ``python experiments/run.py method=X overrides_file=<that file>``), a
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 
 from trustlab.platform.config import ConfigError, apply_dotted
+from trustlab.platform.tracking import tracked, tune_callbacks
 
 DISTS = {
     "uniform": ("low", "high"),
@@ -106,12 +108,55 @@ def _trial(config: dict, base_cfg: dict, data, sweep_dir: str) -> None:
     trial = tune.get_context().get_trial_id()
     stages = method.stages(cfg)
     init_from = cfg["method"].get("init_from")
+    result, best = None, None
     for i, stage in enumerate(stages):
         last = i == len(stages) - 1
-        _, best = fit_stage(cfg, stage, data, f"trial-{trial}", sweep_dir, init_from=init_from,
-                            callbacks=[TuneReportCallback()] if last else None)
+        result, best = fit_stage(cfg, stage, data, f"trial-{trial}", sweep_dir, init_from=init_from,
+                                 callbacks=[TuneReportCallback()] if last else None)
         if best is not None:
             init_from = checkpoint_uri(best, cfg)
+    if best is not None:  # the trial's selected checkpoint, for exporting the sweep's best trial
+        scores = [m for c, m in (result.best_checkpoints or []) if c.path == best.path]
+        write_trial_record(cfg, sweep_dir, trial, {"trial_id": trial, "checkpoint": init_from, "config": config,
+                                                   "val": _val_metrics(scores[0] if scores else result.metrics)})
+
+
+def _val_metrics(m: dict | None) -> dict:
+    """``{auc, ap, eer, acc, ...}`` from a report's ``val_*`` numbers."""
+    return {k[4:]: v for k, v in (m or {}).items() if k.startswith("val_") and isinstance(v, (int, float))}
+
+
+def _trial_record_uri(cfg: dict, sweep_dir: str, trial: str) -> tuple:
+    """Where a trial's record goes: beside Tune's experiment in the sweep's storage (shared by
+    every node that runs trials, as Ray Train's checkpoints are)."""
+    from trustlab.platform.train import storage_for
+
+    path, fs = storage_for(cfg, sweep_dir)
+    return fs, f"{path}/trials/{trial}.json"
+
+
+def write_trial_record(cfg: dict, sweep_dir: str, trial: str, record: dict) -> None:
+    fs, path = _trial_record_uri(cfg, sweep_dir, trial)
+    data = json.dumps(record, default=str).encode()
+    if fs is None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def read_trial_record(cfg: dict, sweep_dir: str, trial: str) -> dict | None:
+    fs, path = _trial_record_uri(cfg, sweep_dir, trial)
+    try:
+        if fs is None:
+            with open(path, "rb") as f:
+                return json.loads(f.read())
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def sizing(cfg: dict, resources: dict) -> dict:
@@ -129,6 +174,7 @@ def sizing(cfg: dict, resources: dict) -> dict:
     return {"max_concurrent_trials": int(conc), "cpus_per_worker": float(cpus)}
 
 
+@tracked("tune")
 def sweep(cfg: dict) -> dict:
     import pandas as pd
     import ray
@@ -195,7 +241,11 @@ def sweep(cfg: dict) -> dict:
                 max_concurrent_trials=size["max_concurrent_trials"] if search == "optuna" else None,
             ),
             run_config=tune.RunConfig(name="sweep", storage_path=storage_path, storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      callbacks=tune_callbacks(cfg) or None,
+                                      # Tune's per-report result tables only with run.verbose=true (else its
+                                      # periodic status table; each trial's rank 0 prints its epoch lines)
+                                      verbose=None if cfg["run"].get("verbose") else 1),
         )
     results = tuner.fit()
     df = results.get_dataframe()
@@ -223,11 +273,23 @@ def sweep(cfg: dict) -> dict:
     from trustlab.platform.train import write_json
 
     summary["plots"] = sweep_plots(table, list(space_spec), metric, mode, sweep_dir)
+    rec = read_trial_record(cfg, sweep_dir, str(best.metrics.get("trial_id") or best_trial_id(best)))
+    if rec is not None:  # the model registry's entry for this sweep (trustlab.platform.runs)
+        rec.update(metric=metric, mode=mode, best_metric=best.metrics.get(metric), trials=summary["trials"])
+        write_json(os.path.join(sweep_dir, "best_trial.json"), rec)
+        summary["best_checkpoint"] = rec["checkpoint"]
     write_json(os.path.join(sweep_dir, "sweep.json"), summary)
     print(f"[trustlab] best {metric} {best.metrics.get(metric)} with {best_cfg}\n"
           f"[trustlab] {summary['stopped_early']} of {summary['trials']} trials stopped early; "
           f"{summary['trial_epochs']} trial-epochs\n[trustlab] best overrides: {path}", flush=True)
     return summary
+
+
+def best_trial_id(result) -> str:
+    """The trial id of a Tune ``Result`` (its folder is ``<trainable>_<trial id>_...``)."""
+    base = os.path.basename(str(result.path).rstrip("/"))
+    parts = base.split("_")
+    return parts[1] if len(parts) > 2 else base
 
 
 def param_importance(table, params: list[str], metric: str) -> dict:

@@ -205,7 +205,8 @@ def _pod(component: str, container: str, gpu: bool, cpu: str, memory: str, head:
         "image": image,
         "env": [{"name": "PATH", "value": PATH_ENV}, {"name": "VIRTUAL_ENV", "value": f"{K8S_REPO_DIR}/.venv"}]
         + [{"name": k, "value": str(v)} for k, v in sorted((env or {}).items())],
-        "envFrom": [{"secretRef": {"name": "trustlab-s3", "optional": True}}],
+        "envFrom": [{"secretRef": {"name": "trustlab-s3", "optional": True}},
+                    {"secretRef": {"name": "trustlab-api-keys", "optional": True}}],
         "ports": ports,
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "volumeMounts": [{"name": "trustlab", "mountPath": K8S_REPO_DIR}],
@@ -299,7 +300,8 @@ def header(argv: list[str], overrides: list[str], what: str, settings: dict, nam
             f"#   python experiments/run.py mode=serve {ov}",
             "# Pods install the project like raycluster.yaml does (init container: git clone + scripts/setup.sh)",
             "# and read checkpoints from S3 through the service account trustlab-ray or the optional Secret",
-            "# trustlab-s3 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL).",
+            "# trustlab-s3 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL). API keys (serve.auth): the optional",
+            "# Secret trustlab-api-keys (TRUSTLAB_API_KEYS=key1,key2); with it, requests need 'Authorization: Bearer <key>'.",
         ]
     return "\n".join(lines) + "\n"
 

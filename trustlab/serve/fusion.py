@@ -191,14 +191,16 @@ def _collect(url: str, manifest: str, out: str, timeout: float) -> int:
     if df.empty:
         raise SystemExit(f"error: no validation rows in {manifest}")
     rows = []
+    # a graph with API keys (serve.auth) wants one: the client's key is $TRUSTLAB_API_KEY
+    headers = {"X-API-Key": os.environ["TRUSTLAB_API_KEY"]} if os.environ.get("TRUSTLAB_API_KEY") else {}
     for uri, label in zip(df["uri"], df["label"]):
         if storage.is_s3(uri):
-            r = requests.post(f"{url.rstrip('/')}/v1/detect", json={"uri": uri}, timeout=timeout)
+            r = requests.post(f"{url.rstrip('/')}/v1/detect", json={"uri": uri}, timeout=timeout, headers=headers)
         else:
             ctype = mimetypes.guess_type(uri)[0] or "application/octet-stream"
             with open(uri, "rb") as f:
                 r = requests.post(f"{url.rstrip('/')}/v1/detect", files={"file": (os.path.basename(uri), f, ctype)},
-                                  timeout=timeout)
+                                  timeout=timeout, headers=headers)
         body = r.json()
         if r.status_code != 200:
             print(f"skip {uri}: HTTP {r.status_code} {body.get('error')}")
@@ -230,7 +232,8 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m trustlab.serve.fusion", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("collect", help="score a validation manifest through a running graph")
+    c = sub.add_parser("collect", help="score a validation manifest through a running graph "
+                                       "(API key, if the graph wants one: $TRUSTLAB_API_KEY)")
     c.add_argument("--url", required=True)
     c.add_argument("--manifest", required=True)
     c.add_argument("--out", required=True)

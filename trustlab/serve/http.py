@@ -10,14 +10,21 @@
 - ``GET /v1/detectors``, ``GET /healthz``, OpenAPI at ``/docs``.
 
 The ingress enforces the limits (body size, per-request deadline) and turns every bad input into
-a 4xx JSON ``{"error": reason, "code": ...}``. ``GraphCore`` fans the prepared input out to the
+a 4xx JSON ``{"error": reason, "code": ...}``. Access: with API keys configured (``serve.auth``:
+an environment variable or a file, read by the ingress replica) every route but ``/healthz`` and
+the OpenAPI pages needs ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (401 otherwise;
+keys are compared as SHA-256 digests with ``hmac.compare_digest``, every key every time); a
+``{"uri": ...}`` request may read only under ``serve.allowed_uri_prefixes`` (403 otherwise; none by default). ``GraphCore`` fans the prepared input out to the
 selected detectors concurrently: a detector that raises (or returns a non-finite score, or
 misses the deadline) is reported with ``"status": "failed"`` and its reason while the others
 answer; the request fails with 503 only when every applicable detector failed.
 """
 # no `from __future__ import annotations`: FastAPI must resolve the route annotations (Request)
 import asyncio
+import hashlib
+import hmac
 import json
+import os
 import time
 
 from fastapi import FastAPI, Request
@@ -44,7 +51,8 @@ api = FastAPI(
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, exc: RequestError):
-    return JSONResponse({"error": exc.reason, "code": exc.code}, status_code=exc.status)
+    headers = {"WWW-Authenticate": 'Bearer realm="trustlab"'} if exc.status == 401 else None
+    return JSONResponse({"error": exc.reason, "code": exc.code}, status_code=exc.status, headers=headers)
 
 
 @api.exception_handler(RequestValidationError)
@@ -81,6 +89,8 @@ _ERR = {"content": {"application/json": {"schema": {"type": "object", "propertie
     "error": {"type": "string"}, "code": {"type": "string"}}}}}}
 _DETECT_RESPONSES = {
     400: {"description": "bad input (corrupt file, empty body, malformed JSON, unknown detector)", **_ERR},
+    401: {"description": "API keys are configured and the request has none, or a wrong one", **_ERR},
+    403: {"description": "the 'uri' is not under serve.allowed_uri_prefixes", **_ERR},
     413: {"description": "body, image or video over the limits", **_ERR},
     415: {"description": "unsupported content type", **_ERR},
     422: {"description": "no selected detector accepts this input", **_ERR},
@@ -90,6 +100,49 @@ _DETECT_RESPONSES = {
 _PREDICT_BODY = {"required": True, "content": {"multipart/form-data": _DETECT_BODY["content"]["multipart/form-data"]}}
 _PREDICT_RESPONSES = {**_DETECT_RESPONSES, 404: {"description": "the graph serves more than one detector", **_ERR}}
 JSON_FIELDS = ("uri", "kind", "detectors", "caption")
+
+
+# ----------------------------------------------------------------------------- access
+def load_api_keys(auth: dict) -> list[bytes]:
+    """SHA-256 digests of the API keys of ``serve.auth`` (``keys_env``: comma-separated keys in that
+    environment variable; ``keys_file``: one key per line, ``#`` comments). Empty: no keys, open."""
+    keys = [k.strip() for k in os.environ.get(auth.get("keys_env") or "", "").split(",")]
+    path = auth.get("keys_file")
+    if path:
+        try:
+            with open(os.path.expanduser(path)) as f:
+                keys += [ln.split("#", 1)[0].strip() for ln in f]
+        except OSError as e:
+            raise RuntimeError(f"serve.auth.keys_file {path!r} cannot be read: {e.strerror}") from None
+        if not any(keys):
+            raise RuntimeError(f"serve.auth.keys_file {path!r} holds no key")
+    return [hashlib.sha256(k.encode()).digest() for k in keys if k]
+
+
+def check_api_key(request: Request, digests: list[bytes]) -> None:
+    """RequestError 401 unless the request carries one of the keys (constant time per key, and
+    every key is compared whatever matched, so the time says nothing about which)."""
+    if not digests:
+        return
+    auth = request.headers.get("authorization", "")
+    key = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "").strip()
+    if not key:
+        raise RequestError(401, "missing_api_key", "this server needs an API key: send 'Authorization: Bearer <key>' "
+                                                   "or 'X-API-Key: <key>'")
+    got, ok = hashlib.sha256(key.encode()).digest(), False
+    for d in digests:
+        ok |= hmac.compare_digest(got, d)
+    if not ok:
+        raise RequestError(401, "invalid_api_key", "the API key is not valid")
+
+
+def uri_allowed(uri: str, prefixes) -> bool:
+    """``uri`` lies under one of ``prefixes`` (each ``s3://bucket/...`` ending in '/'); URIs with
+    empty, '.' or '..' segments are never allowed (a store may normalise them out of the prefix)."""
+    segments = uri[len("s3://"):].split("/")
+    if any(p in ("", ".", "..") for p in segments[:-1]) or segments[-1] in (".", ".."):
+        return False
+    return any(uri.startswith(p) for p in prefixes or ())
 
 
 async def _await(resp):
@@ -176,6 +229,10 @@ async def parse_request(request: Request, s: dict) -> dict:
         uri = obj.get("uri")
         if not isinstance(uri, str) or not uri.startswith("s3://") or len(uri) <= len("s3://"):
             raise RequestError(400, "bad_uri", f"'uri' must be an s3:// URI, got {uri!r}")
+        if not uri_allowed(uri, s.get("allowed_uri_prefixes")):
+            raise RequestError(403, "uri_not_allowed", f"{uri} is not under an allowed prefix" + (
+                "" if s.get("allowed_uri_prefixes") else ": this server reads no URIs (serve.allowed_uri_prefixes "
+                                                         "is empty); upload the file instead"))
         kind = obj.get("kind")
         if kind is None:
             low = uri.lower()
@@ -386,10 +443,12 @@ class Ingress:
 
     def __init__(self, preprocess, detectors: dict, settings: dict):
         self.s = settings
+        self.keys = load_api_keys(settings.get("auth") or {})
         self.core = GraphCore(preprocess, detectors, settings)
 
     async def _answer(self, request: Request, handle) -> JSONResponse:
         t0 = time.perf_counter()
+        check_api_key(request, self.keys)
         status, body = await handle(await parse_request(request, self.s), t0)
         # the body is plain JSON types already: a JSONResponse skips FastAPI's jsonable_encoder walk
         return JSONResponse(body, status_code=status)
@@ -405,7 +464,8 @@ class Ingress:
         return await self._answer(request, self.core.predict)
 
     @api.get("/v1/detectors", summary="The detectors this graph serves, the fusion and the limits")
-    async def detectors(self):
+    async def detectors(self, request: Request):
+        check_api_key(request, self.keys)
         return await self.core.describe()
 
     @api.get("/healthz", summary="Liveness of the preprocessing and detector deployments")

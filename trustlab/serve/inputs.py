@@ -1,8 +1,9 @@
 """Input preparation of the detection graph: bytes or an ``s3://`` URI -> what each detector
 modality needs (the decoded image, face crops, frames, face-crop clips), reusing the video data
-plane: ``sample_indices`` + ``decode_sampled`` (decord, only the sampled frames) and
-``faces.track_clip`` (Haar face boxes, smoothed, fallbacks counted, never dropped). Face finding
-and cropping take the data plane's knobs (``serve.video``, filled by ``trustlab.serve.settings``).
+plane: ``sample_indices`` + ``decode_sampled`` (decord, only the sampled frames, at the data
+plane's ``decode_max_side``) and ``face_clips`` (``faces.track_faces``: the same detector, face
+track and aligned crops as training; fallbacks counted, never dropped). Face finding and cropping
+take the data plane's knobs (``serve.video``, filled by ``trustlab.serve.settings``).
 
 ``Preprocessor`` runs in the preprocessing deployment, in the ingress for uploaded images, and
 without Serve (benchmarks, tools); ``detector_item`` turns its output into one detector's input.
@@ -56,7 +57,7 @@ class Preprocessor:
         self.s = settings
         self.v = settings["video"]
         self.max_bytes = int(float(settings["max_body_mb"]) * 2**20)
-        self._local = threading.local()  # one Haar detector per thread (OpenCV's is not thread-safe)
+        self._local = threading.local()  # one face detector per thread (OpenCV's cascade and dnn nets are not thread-safe)
 
     def face_detector(self):
         det = getattr(self._local, "det", None)
@@ -128,12 +129,11 @@ class Preprocessor:
         if "image" in mods:
             inputs["image"] = arr
         if "face" in mods:
-            from trustlab.platform.data.faces import track_clip
+            from trustlab.platform.data.video import face_clips
 
-            crops, boxes, st = track_clip(arr[None], self.face_detector(), int(self.v["face_size"]),
-                                          float(self.v["face_scale"]), 1)
-            inputs["face"] = crops[0]
-            meta.update(face_found=bool(st.detected), face_box=[int(b) for b in boxes[0]])
+            crops, ft = face_clips(arr[None], self.face_detector(), 1, int(self.v["face_size"]), self.v)
+            inputs["face"] = crops[0, 0]
+            meta.update(face_found=bool(ft.stats.detected), face_box=[int(b) for b in ft.boxes[0]])
         return {"inputs": inputs, "meta": meta}
 
     def video(self, data: bytes, mods: set) -> dict:
@@ -161,7 +161,7 @@ class Preprocessor:
         t = int(v["clip_len"])
         idx = V.sample_indices(n, max(int(v["frames"]), t), t, int(v["stride"]))
         try:
-            frames = V.decode_sampled(data, idx)
+            frames = V.decode_sampled(data, idx, max_side=v["decode_max_side"])
         except Exception as e:  # noqa: BLE001
             raise RequestError(400, "corrupt_video", f"cannot decode video frames: {reason(e)}") from None
         inputs = {}
@@ -170,10 +170,9 @@ class Preprocessor:
         if "image" in mods:
             inputs["frames"] = self._bounded(frames, int(v["frame_side"]))
         if mods & {"face", "video"}:
-            clips, stats, _ = V.face_clips(frames, self.face_detector(), t, int(v["face_size"]),
-                                           float(v["face_scale"]), int(v["smooth"]))
+            clips, ft = V.face_clips(frames, self.face_detector(), t, int(v["face_size"]), v, times=idx)
             inputs["clips"] = clips
-            meta.update(clips=len(clips), clip_len=t, faces=stats.as_dict())
+            meta.update(clips=len(clips), clip_len=t, faces={**ft.stats.as_dict(), "coverage": round(ft.coverage, 4)})
         return {"inputs": inputs, "meta": meta}
 
     @staticmethod

@@ -15,6 +15,7 @@ import os
 import re
 
 import trustlab
+from trustlab.platform.data.faces import CROPS, DETECTORS, TRACKS
 from trustlab.serve.fusion import METHODS as FUSION_METHODS
 from trustlab.serve.fusion import Fusion, FusionError
 
@@ -22,13 +23,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(trustlab.__file__)))
 CONF_DIR = os.path.join(REPO, "experiments", "conf")
 GRAPH_YAML = os.path.join(CONF_DIR, "serve", "graph.yaml")
 #: Keys a detector entry may set (a plain string entry is ``{"name": <string>}``).
-DETECTOR_KEYS = ("name", "checkpoint", "method", "num_replicas", "max_batch_size", "batch_wait_timeout_s",
+DETECTOR_KEYS = ("name", "checkpoint", "method", "run", "num_replicas", "max_batch_size", "batch_wait_timeout_s",
                  "max_ongoing_requests", "num_cpus", "num_gpus", "torch_threads")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
 HANDLE_TRANSPORTS = ("grpc", "object_store")
 FREE_MAPPINGS = ("env", "weights")  # mappings whose keys are the user's (not checked against the defaults)
-#: ``serve.video`` knobs that default to the training data plane's (null in graph.yaml)
-FACE_KNOBS = ("face_scale", "smooth", "detect_width", "scale_factor", "min_neighbors", "relaxed_neighbors")
 #: name of the one detector made from ``serve.checkpoint`` when the knobs do not say which method it is
 ONE_DETECTOR = "model"
 
@@ -157,6 +156,20 @@ def _above_one(v, what):
     return x
 
 
+def _env_name(v, what):
+    if v is not None and not (isinstance(v, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v)):
+        raise GraphConfigError(f"{what} must be null or an environment variable name, got {v!r}")
+    return v
+
+
+def _uri_prefixes(v, what):
+    """A list of ``s3://bucket/`` prefixes, each ending in '/' (so s3://in/ never admits s3://in-private/)."""
+    if not isinstance(v, list) or not all(isinstance(x, str) and re.match(r"^s3://[^/]+/", x) and x.endswith("/")
+                                          for x in v):
+        raise GraphConfigError(f"{what} must be a list of s3://bucket/[prefix/] strings, each ending in '/', got {v!r}")
+    return list(v)
+
+
 def _detector_list(v, what):
     if isinstance(v, str):
         v = [x.strip() for x in v.split(",") if x.strip()]
@@ -178,8 +191,11 @@ CHECKS = {
     "proxy": _one_of(*PROXY_ENV), "throughput_optimized": _flag,
     "video.frames": _INT, "video.clip_len": _INT, "video.stride": _INT, "video.face_size": _INT,
     "video.frame_side": _INT,
-    # the face knobs are checked once the data plane's values fill their nulls
-    "video.face_scale": _POS, "video.smooth": _INT, "video.detect_width": _INT, "video.scale_factor": _above_one,
+    # the face knobs (trustlab.platform.data.video.FACE_KNOBS) are checked once the data plane's values fill their nulls
+    "video.face_detector": _one_of(*DETECTORS), "video.face_crop": _one_of(*CROPS),
+    "video.face_scale": _POS, "video.face_score": _fraction, "video.face_track": _one_of(*TRACKS),
+    "video.detect_every": _INT, "video.min_track_share": _fraction, "video.smooth": _INT,
+    "video.decode_max_side": _optional(_INT), "video.detect_width": _INT, "video.scale_factor": _above_one,
     "video.min_neighbors": _INT, "video.relaxed_neighbors": _optional(_INT),
     "batching.max_batch_size": _INT, "batching.batch_wait_timeout_s": _NONNEG, "batching.max_forward": _INT,
     "replicas.ingress": _or_auto(_INT), "replicas.preprocess": _or_auto(_INT), "replicas.detector": _or_auto(_INT),
@@ -188,7 +204,9 @@ CHECKS = {
     "max_ongoing_requests.ingress": _INT, "max_ongoing_requests.preprocess": _INT,
     "max_ongoing_requests.detector": _INT,
     "health_check_period_s": _POS, "health_check_timeout_s": _POS, "unhealthy_after_errors": _INT,
+    "shutdown_grace_s": _POS,
     "env": _mapping, "s3_endpoint": _optional(_text),
+    "auth.keys_env": _env_name, "auth.keys_file": _optional(_text), "allowed_uri_prefixes": _uri_prefixes,
 }
 
 
@@ -206,12 +224,17 @@ def _check_knobs(s: dict) -> None:
 
 
 def _face_defaults(video: dict) -> None:
-    """Fill the null face knobs of ``serve.video`` with the training data plane's values."""
+    """Fill the null face knobs of ``serve.video`` with the training data plane's values; refuse
+    aligned crops from a detector without landmarks (``haar``)."""
     from trustlab.platform.data.video import DEFAULTS as DATA
+    from trustlab.platform.data.video import FACE_KNOBS
 
     for k in FACE_KNOBS:
         if video[k] is None:
             video[k] = DATA[k]
+    if video["face_detector"] == "haar" and video["face_crop"] == "aligned":
+        raise GraphConfigError("serve.video.face_crop=aligned needs landmarks and face_detector=haar gives none: "
+                               "set serve.video.face_crop=box")
 
 
 def _detector_entry(d, s: dict) -> dict:
@@ -222,15 +245,15 @@ def _detector_entry(d, s: dict) -> dict:
     unknown = sorted(set(d) - set(DETECTOR_KEYS))
     if unknown:
         raise GraphConfigError(f"unknown key(s) {unknown} in detector entry {d!r}; valid keys: {', '.join(DETECTOR_KEYS)}")
-    name = str(d.get("name") or d.get("method") or "")
+    name, run = str(d.get("name") or d.get("method") or ""), d.get("run")
+    ckpt, method = d.get("checkpoint"), d.get("method")
+    if "@" in name:  # "f2c@my-run": the detector f2c, the model of f2c's run my-run
+        name, _, run = name.partition("@")
+        method = method or name
     if not NAME_RE.match(name):
         raise GraphConfigError(f"detector name {name!r} must match {NAME_RE.pattern} (it names a deployment)")
-    ckpt = d.get("checkpoint")
     if not ckpt:
-        root = s.get("checkpoint_root")
-        if not root:
-            raise GraphConfigError(f"detector {name!r} has no checkpoint and serve.checkpoint_root is not set")
-        ckpt = f"{str(root).rstrip('/')}/{name}/model.pt"
+        ckpt, method = _registry_checkpoint(name, method, run, s)
     b, r, mo = s["batching"], s["resources"], s["max_ongoing_requests"]
     cpus = _positive(d.get("num_cpus", r["detector_cpus"]), f"detector {name}: num_cpus")
     threads = d.get("torch_threads", r["torch_threads"])
@@ -243,7 +266,7 @@ def _detector_entry(d, s: dict) -> dict:
     return {
         "name": name,
         "checkpoint": str(ckpt),
-        "method": d.get("method"),
+        "method": method,
         "num_replicas": reps,
         "max_batch_size": mbs,
         "batch_wait_timeout_s": _positive(d.get("batch_wait_timeout_s", b["batch_wait_timeout_s"]),
@@ -255,6 +278,34 @@ def _detector_entry(d, s: dict) -> dict:
         "num_gpus": _positive(d.get("num_gpus", r["detector_gpus"]), f"detector {name}: num_gpus", allow_zero=True),
         "torch_threads": threads,
     }
+
+
+def _registry_checkpoint(name: str, method: str | None, run: str | None, s: dict) -> tuple[str, str | None]:
+    """A detector given without a checkpoint -> ``(checkpoint, method)`` from ``serve.checkpoint_root``:
+    an s3:// root (or a local one that does not exist here) holds ``<name>/model.pt``; a local runs
+    root is searched by the model registry (``trustlab.platform.runs``): the exported folder
+    ``<root>/<name>/`` if there is one, else the run ``run`` or the newest finished run of the
+    detector's method (``method``, default the detector's name)."""
+    from trustlab.platform import storage
+    from trustlab.platform.runs import ModelNotFound, find_run
+
+    root = s.get("checkpoint_root")
+    if not root:
+        raise GraphConfigError(f"detector {name!r} has no checkpoint and serve.checkpoint_root is not set")
+    root = str(root)
+    if storage.is_s3(root) or not os.path.isdir(root):
+        if run:
+            raise GraphConfigError(f"detector {name!r}: runs (@{run}) are found in a local runs root; "
+                                   f"{root} is not one")
+        return f"{root.rstrip('/')}/{name}/model.pt", method
+    folder = os.path.join(root, name)
+    if not run and any(os.path.isfile(os.path.join(folder, f)) for f in ("model.pt", "model.safetensors")):
+        return folder, method
+    try:
+        rec = find_run(root, method or (None if run else name), run)
+    except ModelNotFound as e:
+        raise GraphConfigError(f"detector {name!r}: {e}") from None
+    return rec.checkpoint, method or rec.method
 
 
 def _from_trustlab_config(cfg: dict) -> tuple[dict, str]:
@@ -271,6 +322,8 @@ def _from_trustlab_config(cfg: dict) -> tuple[dict, str]:
         args["s3_endpoint"] = run["s3_endpoint"]
     if not args.get("detectors") and not args.get("checkpoint") and run.get("name"):
         args["checkpoint"] = os.path.join(str(run.get("root") or "outputs"), str(run["name"]), "checkpoints", "best.pt")
+    if args.get("detectors") and not args.get("checkpoint_root"):  # detectors by name: the runs under run.root
+        args["checkpoint_root"] = str(run.get("root") or "outputs")
     return args, str((cfg.get("method") or {}).get("name") or ONE_DETECTOR)
 
 
@@ -339,16 +392,19 @@ def http_options(s: dict) -> dict:
 
 def deployment_options(s: dict) -> dict:
     """Deployment name -> Serve options, as ``build_app`` applies them (and config_gen writes them)."""
+    grace = float(s["shutdown_grace_s"])
+    # read by Serve in the replica process: how long a stopping ingress replica stays reachable behind HAProxy
+    env = {**s["env"], "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{grace / 2:g}"}
+
     def actor(cpus, gpus=0.0):
-        o = {"num_cpus": float(cpus)}
+        o = {"num_cpus": float(cpus), "runtime_env": {"env_vars": dict(env)}}
         if gpus:
             o["num_gpus"] = float(gpus)
-        if s["env"]:
-            o["runtime_env"] = {"env_vars": dict(s["env"])}
         return o
 
     common = {"health_check_period_s": float(s["health_check_period_s"]),
               "health_check_timeout_s": float(s["health_check_timeout_s"]),
+              "graceful_shutdown_timeout_s": grace, "graceful_shutdown_wait_loop_s": min(2.0, grace / 4),
               "logging_config": logging_config(s)}
     r, mo, res = s["replicas"], s["max_ongoing_requests"], s["resources"]
     out = {

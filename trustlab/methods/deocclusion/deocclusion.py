@@ -69,6 +69,7 @@ from trustlab.methods.deocclusion import masks as masklib
 from trustlab.platform.evaluate import worker_threads
 from trustlab.platform.method import Step
 from trustlab.platform.registry import register_method
+from trustlab.platform.train import LossSums
 
 EVAL_MASK_SEED = 104729  # per-image eval masks use seed vid + this (fixed across runs and reloads)
 
@@ -301,19 +302,26 @@ def best_threshold(pos_s: np.ndarray, neg_s: np.ndarray) -> float:
     return float((s[k - 1] + s[k]) / 2)
 
 
-def verification_metrics(emb: np.ndarray, y: np.ndarray, seed: int = 0, far: float = 1e-2,
-                         threshold: float | None = None) -> dict:
-    """Accuracy (balanced pairs; at ``threshold``, or at the best threshold when None), TAR at
-    ``far`` (all negative pairs), ROC AUC and EER (all pairs) for cosine similarity."""
-    from trustlab.platform.metrics import eer as eer_fn
-    from sklearn.metrics import roc_auc_score
-
+def _unit(emb: np.ndarray) -> np.ndarray:
     # float64: numpy's float32 reductions can differ in the last bit with the arrays' memory
     # alignment, which would make the figures depend on the process that computes them
     emb = np.asarray(emb, dtype=np.float64)
-    e = emb / np.maximum(np.sqrt((emb * emb).sum(axis=1, keepdims=True)), 1e-12)
+    return emb / np.maximum(np.sqrt((emb * emb).sum(axis=1, keepdims=True)), 1e-12)
+
+
+def verification_metrics(emb: np.ndarray, y: np.ndarray, seed: int = 0, far: float = 1e-2,
+                         threshold: float | None = None, gallery: np.ndarray | None = None) -> dict:
+    """Accuracy (balanced pairs; at ``threshold``, or at the best threshold when None), TAR at
+    ``far`` (all negative pairs), ROC AUC and EER (all pairs) for cosine similarity. With
+    ``gallery`` (embeddings of the same images another way, e.g. unmasked), each pair compares
+    the first image's ``emb`` (the probe) with the second's ``gallery``."""
+    from trustlab.platform.metrics import eer as eer_fn
+    from sklearn.metrics import roc_auc_score
+
+    e = _unit(emb)
+    g = e if gallery is None else _unit(gallery)
     pos, neg, bal = verification_pairs(y, seed)
-    sim = lambda p: np.einsum("nd,nd->n", e[p[:, 0]], e[p[:, 1]])  # noqa: E731
+    sim = lambda p: np.einsum("nd,nd->n", e[p[:, 0]], g[p[:, 1]])  # noqa: E731
     ps, ns, bs = sim(pos), sim(neg), sim(bal)
     thr = best_threshold(ps, bs) if threshold is None else float(threshold)
     acc = (np.sum(ps >= thr) + np.sum(bs < thr)) / max(1, len(ps) + len(bs))
@@ -343,7 +351,12 @@ SYSTEMS = {  # name -> (network, input)
     "student_nocomp_masked": ("student_plain", "masked"),
     "teacher_completed": ("teacher", "completed"),
     "teacher_unmasked": ("teacher", "unmasked"),
+    "student_unmasked": ("student", "unmasked"),
+    "student_nocomp_unmasked": ("student_plain", "unmasked"),
 }
+#: masked-probe-vs-unmasked-gallery protocol: each probe system's gallery (the same network, unmasked faces)
+GALLERY = {"student_completed": "student_unmasked", "teacher_masked": "teacher_unmasked",
+           "student_nocomp_masked": "student_nocomp_unmasked", "teacher_completed": "teacher_unmasked"}
 
 
 @torch.no_grad()
@@ -477,47 +490,50 @@ def identity_loss(teacher: nn.Module, x: torch.Tensor, completed: torch.Tensor) 
 
 
 def completion_worker_loop(config: dict) -> None:
-    """Ray Train loop of the ``completion`` stage: per batch one critic update, then one
-    generator update (gradients all-reduced across workers separately for each)."""
+    """Ray Train loop of the ``completion`` stage (``completion_epochs`` on this worker's context)."""
     from trustlab.platform.train import WorkerContext
 
-    ctx = WorkerContext.from_ray(config)
+    completion_epochs(WorkerContext.from_ray(config))
+
+
+def completion_epochs(ctx) -> nn.Module:
+    """The ``completion`` stage on a WorkerContext: per batch one critic update, then one
+    generator update, each through the context's step (``trainer.precision`` autocast, the
+    gradients of that optimizer's parameters all-reduced across workers while backward runs)."""
     cfg, stage, seed, rank = ctx.cfg, ctx.stage, ctx.seed, ctx.rank
     ccfg = cfg["method"]["completion"]
-    model = ctx.build_model()
+    model = ctx.prepare(ctx.build_model(to_device=False))
     model.teacher.requires_grad_(False)  # frozen: the identity loss trains the generator only
     g_params = list(model.generator.parameters())
     d_params = list(model.d_global.parameters()) + list(model.d_local.parameters())
     opts = {"g": torch.optim.Adam(g_params, lr=float(ccfg["lr_g"]), betas=(0.5, 0.9)),
             "d": torch.optim.Adam(d_params, lr=float(ccfg["lr_d"]), betas=(0.5, 0.9))}
     start = ctx.restore(model, opts)
+    losses = ctx.compiled(gan_losses)
     for epoch in range(start, ctx.epochs):
         t0 = time.time()
         model.generator.train(), model.d_global.train(), model.d_local.train()
         model.teacher.eval()
-        sums: dict[str, float] = {}
-        steps = 0
-        for b in ctx.train_batches(epoch):
-            x = torch.from_numpy(np.array(b["x"])).float().div(255).to(ctx.device)
-            lm = torch.from_numpy(np.array(b["lm"])).float().to(ctx.device)
-            xm, m, _ = masklib.synthesize(x, lm, [seed, rank, epoch, steps, 1], cfg["method"]["masks"])
-            d = gan_losses(model, x, xm, m, ccfg, "d")
+        sums = LossSums()
+        for b in ctx.batches(epoch):
+            x, lm = b["x"], b["lm"].float()
+            xm, m, _ = masklib.synthesize(x, lm, [seed, rank, epoch, sums.steps, 1], cfg["method"]["masks"])
+            with ctx.autocast():
+                d = losses(model, x, xm, m, ccfg, "d")
             opts["d"].zero_grad(set_to_none=True)
-            d["loss"].backward()
-            ctx.allreduce_grads(d_params)
-            opts["d"].step()
-            g = gan_losses(model, x, xm, m, ccfg, "g")
+            ctx.backward(d["loss"], opts["d"])
+            ctx.optimizer_step(opts["d"])
+            with ctx.autocast():
+                g = losses(model, x, xm, m, ccfg, "g")
             opts["g"].zero_grad(set_to_none=True)
-            g["loss"].backward()
-            ctx.allreduce_grads(g_params)
-            opts["g"].step()
-            steps += 1
+            ctx.backward(g["loss"], opts["g"])
+            ctx.optimizer_step(opts["g"])
             ctx.done += 1
-            for k, v in {**{f"d_{k}": v for k, v in d.items()}, **{f"g_{k}": v for k, v in g.items()}}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums.add({**{f"d_{k}": v for k, v in d.items()}, **{f"g_{k}": v for k, v in g.items()}})
+        steps = sums.steps
+        metrics = {f"train_{k}": v for k, v in sums.means().items()}
         train_time = time.time() - t0
 
-        metrics = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}
         metrics["train_loss"] = metrics.get("train_g_loss", float("nan"))
         metrics.update(val_metrics(model, stage, cfg, ctx.shard("val"), ctx))
         metrics.update(steps=steps, train_seconds=train_time)
@@ -526,6 +542,7 @@ def completion_worker_loop(config: dict) -> None:
                 f"d {metrics.get('train_d_loss', float('nan')):.3f} | val_hole_l1 {metrics['val_hole_l1']:.4f} "
                 f"val teacher-on-completed acc {metrics['val_acc']:.4f}")
         ctx.report(metrics, model, opts, epoch=epoch + 1)
+    return model
 
 
 def mask_seed(cfg: dict, step: Step) -> list:
@@ -560,26 +577,36 @@ class Deocclusion:
     def build_data(self, cfg: dict) -> dict:
         from trustlab.methods.deocclusion.synth_identities import build_identity_set
 
+        if cfg["data"]["name"] == "faces":  # real faces: a manifest, or LFW with pairs.txt
+            from trustlab.methods.deocclusion.real_faces import face_data
+
+            data = face_data(cfg)
+            cfg["method"]["data"]["train_ids"] = int(len(np.unique(data["train"]["y"])))  # the teacher's classes
+            return data
         if cfg["data"]["name"] != "auto":
-            raise ValueError("deocclusion reads its generated identity set (data=auto); a face manifest "
-                             "with landmarks is not wired in yet")
+            raise ValueError(f"deocclusion reads data=auto (generated identities) or data=faces, not {cfg['data']['name']}")
         d = cfg["method"]["data"]
         return build_identity_set(d["root"], int(cfg["seed"]), int(d["size"]), int(d["train_ids"]),
                                   int(d["val_ids"]), int(d["test_ids"]), int(d["per_id_train"]), int(d["per_id_eval"]))
+
+    def manifest(self, cfg: dict):
+        """``data=faces``: the face manifest (label = identity index) for mode=inspect."""
+        if cfg["data"]["name"] != "faces":
+            return None
+        from trustlab.methods.deocclusion.real_faces import face_manifest
+
+        return face_manifest(cfg)[0]
 
     def build_model(self, cfg: dict, stage: str) -> nn.Module:
         model = DeocclusionModel(cfg)
         w = cfg["method"]["teacher"].get("weights")
         if w:
-            from trustlab.platform.checkpoints import load_state
+            from trustlab.platform.weights import load_into, local_file, read_state_dict
 
-            sd = load_state(w, cfg["run"].get("s3_endpoint"))
-            sd = sd.get("model", sd)
-            if any(k.startswith("teacher.") for k in sd):  # a deocclusion checkpoint
-                model.load_state_dict({k: v for k, v in sd.items() if k.startswith(("teacher.", "teacher_head."))},
-                                      strict=False)
+            if any(k.startswith("teacher.") for k in read_state_dict(local_file(w, cfg))):  # a deocclusion checkpoint
+                load_into(model, w, cfg, include=("teacher.", "teacher_head."), what="the de-occlusion teacher")
             else:  # a bare FaceNet state dict
-                model.teacher.load_state_dict(sd)
+                load_into(model.teacher, w, cfg, what="the de-occlusion teacher")
         return model
 
     def configure_optimizer(self, model, cfg, stage, steps_per_epoch=None):
@@ -650,7 +677,7 @@ class Deocclusion:
         m = cfg["method"]
         far = float(m["eval"]["far"])
         tar_key = f"tar@far={far:g}"
-        systems = [s for s in SYSTEMS if s != "student_nocomp_masked" or _bool(m.get("ablation", True))]
+        systems = [s for s in SYSTEMS if not s.startswith("student_nocomp") or _bool(m.get("ablation", True))]
         bs = int(cfg["trainer"]["eval_batch_size"])
         emb = {split: _gathered([embed_split(model, data[split], cfg, systems + ["hole_l1"], bs)])
                for split in ("val", "test")}
@@ -661,6 +688,13 @@ class Deocclusion:
             te = verification_metrics(emb["test"][s], emb["test"]["y"], seed, far, threshold=v["threshold"])
             te["acc_best_threshold"] = verification_metrics(emb["test"][s], emb["test"]["y"], seed, far)["acc"]
             res[s] = {"val": v, "test": te}
+        probe_gallery = {}  # masked probe vs unmasked gallery, beside masked vs masked
+        for s, gal in GALLERY.items():
+            if s in systems and gal in systems:
+                v = verification_metrics(emb["val"][s], emb["val"]["y"], seed, far, gallery=emb["val"][gal])
+                te = verification_metrics(emb["test"][s], emb["test"]["y"], seed, far, threshold=v["threshold"],
+                                          gallery=emb["test"][gal])
+                probe_gallery[s] = {"val": v, "test": te}
         main = res["student_completed"]
         metrics = {
             "val": {"masked_pairs": main["val"]},
@@ -672,7 +706,23 @@ class Deocclusion:
             "ablation": {"teacher_on_completed": {"test": {"masked_pairs": res["teacher_completed"]["test"]},
                                                   "val": {"masked_pairs": res["teacher_completed"]["val"]}}},
             "completion": {"val": {"hole_l1": emb["val"]["hole_l1"]}, "test": {"hole_l1": emb["test"]["hole_l1"]}},
+            "masked_probe_unmasked_gallery": {s: {"test": r["test"], "val": r["val"]} for s, r in probe_gallery.items()},
         }
+        metrics["test"]["masked_probe_unmasked_gallery"] = probe_gallery["student_completed"]["test"]
+        if "pairs" in data:  # LFW's pairs.txt: 10-fold accuracy, mean and std, for both protocols
+            from trustlab.methods.deocclusion.real_faces import fold_accuracy
+
+            p = data["pairs"]
+
+            def folds(probe, gallery):
+                a, b = _unit(emb["test"][probe]), _unit(emb["test"][gallery])
+                return fold_accuracy(np.einsum("nd,nd->n", a[p["a"]], b[p["b"]]), p["same"], p["fold"])
+
+            probes = [s for s in GALLERY if s in systems]
+            metrics["test"]["lfw_pairs"] = {
+                "masked_pairs": {s: folds(s, s) for s in probes},
+                "masked_probe_unmasked_gallery": {s: folds(s, GALLERY[s]) for s in probes if GALLERY[s] in systems},
+                "unmasked_pairs": {"teacher_unmasked": folds("teacher_unmasked", "teacher_unmasked")}}
         if "student_nocomp_masked" in res:
             r = res["student_nocomp_masked"]
             metrics["ablation"]["student_no_completion"] = {"test": {"masked_pairs": r["test"]},
@@ -692,6 +742,11 @@ class Deocclusion:
                 r = res[s]["test"]
                 lines.append(f"  {label:<36} acc {r['acc']:.4f}  {tar_key} {r[tar_key]:.4f}  auc {r['auc']:.4f}  eer {r['eer']:.4f}")
         lines.append(f"  completion hole L1 (test): {emb['test']['hole_l1']:.4f}")
+        lines.append("  masked probe vs unmasked gallery (test): " + ", ".join(
+            f"{s} acc {r['test']['acc']:.4f}" for s, r in probe_gallery.items()))
+        for proto, per in (metrics["test"].get("lfw_pairs") or {}).items():
+            lines.append(f"  LFW pairs.txt {proto} (10-fold): " + ", ".join(
+                f"{s} {r['acc_mean']:.4f} ± {r['acc_std']:.4f}" for s, r in per.items()))
         text = "\n".join(lines)
         print(text, flush=True)
         with open(os.path.join(run_dir, "verification.txt"), "w") as f:

@@ -11,7 +11,7 @@ memory, beta = 0.1, alpha adaptive. Reported CIFAR-100: 83.32 -> 57.36, average 
 
 What this module does (our choices are marked):
 
-- Model: ``SmallConvNet`` backbone -> neck (Linear-ReLU-Linear, the "MLP neck") -> linear
+- Model: ``backbones.build_backbone`` (``SmallConvNet`` by default) -> neck (Linear-ReLU-Linear, the "MLP neck") -> linear
   classifier over every class of the protocol. One neck + classifier *per session* is kept
   (``heads[s]``), so every session's model can be evaluated from the final checkpoint; the
   backbone is shared and frozen after the base session.
@@ -57,8 +57,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trustlab.methods.fscil import engine
-from trustlab.methods.fscil.engine import SmallConvNet, as_float, encode, imprint_rows, random_shift
-from trustlab.methods.fscil.protocol import build_data, input_shape, protocol_of, session_split
+from trustlab.methods.fscil.backbones import build_backbone
+from trustlab.methods.fscil.engine import as_float, encode, imprint_rows, random_shift
+from trustlab.methods.fscil.protocol import build_data, build_manifest, input_shape, protocol_of, session_split
 from trustlab.platform.registry import register_method
 
 
@@ -78,7 +79,7 @@ class CD2Net(nn.Module):
     def __init__(self, cfg: dict, in_ch: int, size: int, n_sessions: int, n_classes: int):
         super().__init__()
         m = cfg["method"]
-        self.backbone = SmallConvNet(in_ch, size, int(m["backbone"]["width"]), int(m["backbone"]["depth"]))
+        self.backbone = build_backbone(cfg, in_ch, size)
         d = self.backbone.out_dim
         self.heads = nn.ModuleList(Head(d, int(m["neck"]["hidden"]), int(m["neck"]["dim"]), n_classes)
                                    for _ in range(n_sessions + 1))
@@ -194,6 +195,9 @@ class CD2:
 
     def build_data(self, cfg: dict) -> dict:
         return build_data(cfg)
+
+    def manifest(self, cfg: dict):
+        return build_manifest(cfg)  # what mode=inspect counts (None for the digits default)
 
     def stage_data(self, cfg: dict, stage: str, data: dict) -> dict:
         return engine.stage_data(cfg, stage, data)

@@ -368,7 +368,10 @@ def run_sessions(ctx: WorkerContext) -> nn.Module:
     """The incremental stage on one worker: the base model (``ctx.build_model``, kept on the CPU),
     ``begin_incremental`` once, ``learn_session`` for each session, and one report per session
     (``epoch`` = session) with base-class and seen-class validation accuracy. A resumed run
-    continues after the last reported session. Every rank reports the same number of times."""
+    continues after the last reported session. Every rank reports the same number of times.
+    Sessions stay fp32 on the CPU whatever ``trainer.precision`` says: a session is a few dozen
+    shots and a few small steps (nothing for autocast or a GPU to gain), and the imprinted
+    classifier rows and prototypes it compares by cosine would only take bf16 rounding."""
     method = ctx.method
     p = protocol_of(ctx.cfg)
     model = ctx.build_model(to_device=False)

@@ -214,8 +214,9 @@ def cifar100_manifest(root: str, index_dir: str | None = None, p: Protocol = PRO
                       val_per_class: int = 0, seed: int = 0, source: str = "cifar100") -> pd.DataFrame:
     """CIFAR-100 python layout: ``<root>/cifar-100-python/{train,test}`` pickles (``data`` rows of
     3*32*32 uint8, ``fine_labels``); index lists (default ``<root>/index_list/cifar100``) hold
-    integer row indices into ``train``. Without ``session_1.txt`` the base session is every
-    training image of classes 0..n_base-1 (as CEC does)."""
+    integer row indices into ``train``. Read as CEC does: the base session is every training
+    image of classes 0..n_base-1 (from the class order, not from ``session_1.txt``, which is
+    ignored when present); ``session_2.txt`` .. ``session_<N+1>.txt`` are the incremental ones."""
     index_dir = index_dir or os.path.join(root, "index_list", "cifar100")
     tabs = {}
     for split in ("train", "test"):
@@ -225,25 +226,33 @@ def cifar100_manifest(root: str, index_dir: str | None = None, p: Protocol = PRO
         y = np.asarray(d["fine_labels"])
         tabs[split] = pd.DataFrame({"key": [str(i) for i in range(len(y))],
                                     "uri": [f"{path}#{i}" for i in range(len(y))], "orig_label": y})
-    sessions = read_index_lists(index_dir)
-    sessions = [[str(int(k)) for k in s] for s in sessions]
-    base_from_labels = len(sessions) == p.n_sessions
+    sessions = [[str(int(k)) for k in s] for s in read_index_lists(index_dir)]
+    if len(sessions) == p.n_sessions + 1:  # session_1.txt (the base list) is not how CEC reads CIFAR-100
+        sessions = sessions[1:]
     return manifest_from_index_lists(tabs["train"], tabs["test"], sessions, p, source, val_per_class, seed,
-                                     base_from_labels=base_from_labels)
+                                     base_from_labels=True)
 
 
 def mini_imagenet_manifest(root: str, index_dir: str | None = None, p: Protocol = PROTOCOLS["mini_imagenet"],
                            val_per_class: int = 0, seed: int = 0) -> pd.DataFrame:
-    """miniImageNet FSCIL layout: ``<root>/miniimagenet/images/<file>.jpg`` and
-    ``<root>/miniimagenet/split/{train,test}.csv`` (``filename,label`` with a wnid label; class
-    ids follow the wnids' first appearance in ``train.csv``); index lists (default
+    """miniImageNet FSCIL layout: ``<root>/miniimagenet/images/<file>.jpg`` and the csvs
+    ``{train,test}.csv`` (``filename,label`` with a wnid label; class ids follow the wnids' first
+    appearance in ``train.csv``, as CEC numbers them) from ``<root>/miniimagenet/split/``, else
+    from the index-list folder (CEC ships them there); index lists (default
     ``<root>/index_list/mini_imagenet``) hold paths whose basename is the image file."""
     index_dir = index_dir or os.path.join(root, "index_list", "mini_imagenet")
     img_dir = os.path.join(root, "miniimagenet", "images")
+    split_dir = os.path.join(root, "miniimagenet", "split")
+    if not os.path.isfile(os.path.join(split_dir, "train.csv")):
+        split_dir = index_dir
     wnids: dict[str, int] = {}
     tabs = {}
     for split in ("train", "test"):
-        t = pd.read_csv(os.path.join(root, "miniimagenet", "split", f"{split}.csv"))
+        path = os.path.join(split_dir, f"{split}.csv")
+        if not os.path.isfile(path):
+            raise ValueError(f"miniImageNet {split}.csv is neither in {os.path.join(root, 'miniimagenet', 'split')} "
+                             f"nor in {index_dir}")
+        t = pd.read_csv(path)
         t.columns = ["filename", "wnid"]
         if split == "train":
             for w in t["wnid"]:
@@ -361,8 +370,18 @@ def seen_split(arrays: dict, p: Protocol, session: int) -> dict:
 
 
 # ============================================================================ from a method's config
+#: data groups that name a public FSCIL benchmark (``data=cifar100 data.root=...``)
+DATA_GROUPS = ("cifar100", "mini_imagenet", "cub200")
+
+
+def benchmark_name(cfg: dict) -> str:
+    """The data group's benchmark when one is chosen (``data=cub200``), else ``method.data.benchmark``."""
+    name = (cfg.get("data") or {}).get("name")
+    return name if name in DATA_GROUPS else cfg["method"]["data"]["benchmark"]
+
+
 def _benchmark(cfg: dict):
-    b = cfg["method"]["data"]["benchmark"]
+    b = benchmark_name(cfg)
     if b not in BENCHMARKS:
         raise ValueError(f"unknown method.data.benchmark {b!r}; valid: {', '.join(BENCHMARKS)}")
     return BENCHMARKS[b]
@@ -385,7 +404,14 @@ def build_manifest(cfg: dict) -> pd.DataFrame | None:
     """The run's manifest: ``data.manifest`` when a dataset is named, else the benchmark's
     (generated or read from a public layout); None for digits (arrays come straight from sklearn)."""
     d, p, seed = cfg["method"]["data"], protocol_of(cfg), int(cfg["seed"])
-    if cfg["data"]["name"] != "auto":
+    adapters = {"cifar100": cifar100_manifest, "mini_imagenet": mini_imagenet_manifest, "cub200": cub200_manifest}
+    name = cfg["data"]["name"]
+    if name in DATA_GROUPS:  # a public benchmark as shipped, from the data group
+        if not cfg["data"].get("root"):
+            raise ValueError(f"data={name} needs data.root (the dataset folder)")
+        return adapters[name](cfg["data"]["root"], cfg["data"].get("index_dir"), p=p,
+                              val_per_class=int(d["val_per_class"]), seed=seed)
+    if name != "auto":
         return read_manifest(cfg["data"]["manifest"])
     b = d["benchmark"]
     if b == "digits":
@@ -395,7 +421,6 @@ def build_manifest(cfg: dict) -> pd.DataFrame | None:
 
         root = build_tree(d["root"], seed, p, int(d["train_per_class"]), int(d["test_per_class"]))
         return cifar100_manifest(root, p=p, val_per_class=int(d["val_per_class"]), seed=seed, source="synth")
-    adapters = {"cifar100": cifar100_manifest, "mini_imagenet": mini_imagenet_manifest, "cub200": cub200_manifest}
     return adapters[b](d["root"], d.get("index_dir"), p=p, val_per_class=int(d["val_per_class"]), seed=seed)
 
 

@@ -7,7 +7,7 @@ jointly with the static memory. The projector's shape and the losses are not giv
 an MLP dynamic projector trained in incremental sessions"). Everything below the abstract's two
 sentences is therefore our choice:
 
-- Static retaining stage (Ray Train generic loop, stage ``base``): ``SmallConvNet`` backbone +
+- Static retaining stage (Ray Train generic loop, stage ``base``): the ``method.backbone`` (``backbones``) +
   linear classifier, cross-entropy on base classes with random shifts, epoch selected on
   base-class validation accuracy. Then the *static memory* is fixed: the frozen backbone and,
   per class, the mean backbone feature (prototype) and per-dimension variance of its training
@@ -38,8 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trustlab.methods.fscil import engine
-from trustlab.methods.fscil.engine import SmallConvNet, as_float, encode, random_shift
-from trustlab.methods.fscil.protocol import build_data, input_shape, protocol_of, session_split
+from trustlab.methods.fscil.backbones import build_backbone
+from trustlab.methods.fscil.engine import as_float, encode, random_shift
+from trustlab.methods.fscil.protocol import build_data, build_manifest, input_shape, protocol_of, session_split
 from trustlab.platform.registry import register_method
 
 
@@ -64,7 +65,7 @@ class SDCNet(nn.Module):
         self.n_seen = list(n_seen)  # classes seen after each session 0..N
         self.mix, self.tau = float(m["projector"]["mix"]), float(m["projector"]["tau"])
         n_base, n_sessions, n_classes = n_seen[0], len(n_seen) - 1, n_seen[-1]
-        self.backbone = SmallConvNet(in_ch, size, int(m["backbone"]["width"]), int(m["backbone"]["depth"]))
+        self.backbone = build_backbone(cfg, in_ch, size)
         d = self.backbone.out_dim
         self.fc = nn.Linear(d, n_base)  # the base (static retaining stage) classifier
         self.projectors = nn.ModuleList(Projector(d, int(m["projector"]["width"])) for _ in range(n_sessions + 1))
@@ -93,6 +94,9 @@ class SDC:
 
     def build_data(self, cfg: dict) -> dict:
         return build_data(cfg)
+
+    def manifest(self, cfg: dict):
+        return build_manifest(cfg)  # what mode=inspect counts (None for the digits default)
 
     def stage_data(self, cfg: dict, stage: str, data: dict) -> dict:
         return engine.stage_data(cfg, stage, data)

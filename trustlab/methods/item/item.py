@@ -44,8 +44,8 @@ scatter plot, and writes the CLIP weights to ``<run>/clip.pt`` (reusable as
 from __future__ import annotations
 
 import copy
+import functools
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -60,31 +60,13 @@ STATS = ("min", "mean", "max", "std")
 
 
 # ----------------------------------------------------------------------------- CLIP
-def _local_weights(uri: str, endpoint: str | None) -> str:
-    """A local file for ``uri`` (s3:// objects are copied to a temp file first)."""
-    from trustlab.platform import storage
-
-    if storage.is_s3(uri):
-        fd, path = tempfile.mkstemp(suffix=".pt", prefix="item-clip-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(storage.read_bytes(uri, endpoint))
-        return path
-    path = os.path.abspath(os.path.expanduser(uri))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"method.clip.pretrained must be a local file or s3:// URI; not found: {uri}")
-    return path
-
-
-def build_clip(ccfg: dict, endpoint: str | None = None) -> nn.Module:
-    """An open_clip model from ``{model, pretrained, overrides}``; never downloads."""
-    import open_clip
+def build_clip(ccfg: dict, cfg: dict | None = None) -> nn.Module:
+    """An open_clip model from ``{model, pretrained, overrides}``; weights from a local file or
+    s3:// (.safetensors or torch), loaded strictly by trustlab.platform.weights; never downloads."""
+    from trustlab.platform.weights import create_open_clip
 
     overrides = copy.deepcopy(ccfg.get("overrides") or {})
-    weights = ccfg.get("pretrained")
-    path = _local_weights(str(weights), endpoint) if weights else None
-    model = open_clip.create_model(ccfg["model"], pretrained=path, **overrides)
-    if path and path != os.path.abspath(os.path.expanduser(str(weights))):
-        os.unlink(path)
+    model = create_open_clip(ccfg["model"], ccfg.get("pretrained"), cfg, **overrides)
     if not hasattr(model, "visual") or not hasattr(model.visual, "output_tokens"):
         raise ValueError(f"open_clip model {ccfg['model']!r} has no ViT image tower with patch tokens")
     model.visual.output_tokens = True  # visual(x) -> (pooled, tokens)
@@ -102,9 +84,14 @@ def context_length(ccfg: dict) -> int:
 
 
 def tokenizer(ccfg: dict):
+    return _tokenizer(context_length(ccfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(length: int):
     import open_clip
 
-    return open_clip.SimpleTokenizer(context_length=context_length(ccfg))
+    return open_clip.SimpleTokenizer(context_length=length)
 
 
 def tokenize_captions(captions, ccfg: dict, max_phrases: int) -> dict:
@@ -168,7 +155,7 @@ class ItemNet(nn.Module):
         ccfg = dict(m["clip"])
         if not load_weights:
             ccfg["pretrained"] = None
-        self.clip = build_clip(ccfg, cfg["run"].get("s3_endpoint"))
+        self.clip = build_clip(ccfg, cfg)
         self.levels = parse_levels(m["levels"])
         self.n_features = len(feature_names(m["levels"]))
         vis = self.clip.visual
@@ -285,6 +272,28 @@ def clip_pretrain_loss(model: ItemNet, batch: dict, weights: dict) -> dict:
             "phrase_patch": l_patch.detach(), "retrieval_acc": acc, "patch_margin": margin}
 
 
+def caption_and_tokenize(batch: dict, ccfg: dict, max_phrases: int, captioner: str) -> dict:
+    """Ray Data step of a streamed set: captions missing from the manifest come from the
+    captioner (on the decoded images), then captions and phrases are tokenised."""
+    from trustlab.methods.item import captioned_scenes as cs
+
+    n = len(batch["y"])
+    caps = [str(c) for c in batch.get("caption", [""] * n)]
+    todo = [i for i, c in enumerate(caps) if not c.strip()]
+    if todo:
+        ims = [np.asarray(batch["x"][i]).transpose(1, 2, 0) for i in todo]
+        for i, c in zip(todo, cs.get_captioner(captioner)(ims)):
+            caps[i] = c
+    out = dict(batch, caption=np.asarray(caps, dtype=object))
+    out.update(tokenize_captions(caps, ccfg, max_phrases))
+    return out
+
+
+def _real_rows(batch: dict) -> dict:
+    keep = np.asarray(batch["y"]) == 0
+    return {k: np.asarray(v)[keep] for k, v in batch.items()}
+
+
 # ----------------------------------------------------------------------------- method
 @register_method("item")
 class Item:
@@ -309,24 +318,34 @@ class Item:
             return data
         out = {}
         for split in ("train", "val"):
-            if split in data:
+            if split in data and isinstance(data[split], dict):
                 keep = np.asarray(data[split]["y"]) == 0
                 out[split] = {k: v[keep] for k, v in data[split].items()}
+            elif split in data:  # streamed
+                out[split] = data[split].map_batches(_real_rows, batch_format="numpy")
         return out
 
     def build_data(self, cfg: dict) -> dict:
         from trustlab.methods.item import captioned_scenes as cs
 
         m, d = cfg["method"], cfg["method"]["data"]
-        captioner = cs.get_captioner(m["captioner"])
-        if cfg["data"]["name"] != "auto":
-            raw = cs.load_captioned_manifest(cfg["data"]["manifest"], int(d["size"]), captioner,
-                                             cfg["run"].get("s3_endpoint"))
-        else:
-            man = cs.build_manifest(d["root"], int(cfg["seed"]), int(d["size"]), int(d["n_train"]),
-                                    int(d["n_val"]), int(d["n_test"]), tuple(d["n_objects"]), tuple(d["radius"]),
-                                    tuple(d["manipulations"]))
-            raw = cs.load_captioned_manifest(man)
+        if cfg["data"]["name"] != "auto":  # a real image set, streamed; captions from its manifest or data.captions
+            from trustlab.platform.data.images import image_datasets
+
+            dsets, df = image_datasets(cfg["data"], int(d["size"]), seed=int(cfg["seed"]),
+                                       endpoint=cfg["run"].get("s3_endpoint"))
+            n_missing = int((df["caption"].str.strip() == "").sum()) if "caption" in df.columns else len(df)
+            if n_missing:
+                print(f"[item] {n_missing} of {len(df)} images have no caption: the captioner "
+                      f"{m['captioner']!r} describes them (set data.captions or a caption column)", flush=True)
+            return {s: ds.map_batches(caption_and_tokenize, batch_format="numpy",
+                                      fn_kwargs=dict(ccfg=m["clip"], max_phrases=int(m["max_phrases"]),
+                                                     captioner=m["captioner"]))
+                    for s, ds in dsets.items()}
+        man = cs.build_manifest(d["root"], int(cfg["seed"]), int(d["size"]), int(d["n_train"]),
+                                int(d["n_val"]), int(d["n_test"]), tuple(d["n_objects"]), tuple(d["radius"]),
+                                tuple(d["manipulations"]))
+        raw = cs.load_captioned_manifest(man)
         out = {}
         for split, a in raw.items():
             a.update(tokenize_captions(a["caption"], m["clip"], int(m["max_phrases"])))
@@ -406,19 +425,26 @@ class Item:
     def after_train(self, cfg: dict, model, data: dict, run_dir: str) -> dict:
         """Per-mismatch-kind AUC of this run's model; global-only vs hierarchical heads trained on
         the same frozen CLIP's features; the feature scatter plot; the CLIP weights file."""
-        from trustlab.platform.evaluate import iter_array_batches
+        from trustlab.platform.data.images import iter_split
 
         torch.save(model.clip.state_dict(), os.path.join(run_dir, "clip.pt"))
-        feats = {}
+        feats, meta = {}, {}
         bs = int(cfg["trainer"]["eval_batch_size"])
-        with torch.no_grad():
+        with torch.no_grad():  # one pass per split (streamed sets too): features, labels, kinds, test scores
             for split in ("train", "val", "test"):
-                feats[split] = torch.cat([model.features(self.to_batch(b), LEVELS)
-                                          for b in iter_array_batches(data[split], bs)]).numpy()
-        # this run's model, split by mismatch kind
-        with torch.no_grad():
-            scores = np.concatenate([self.predict(model, self.to_batch(b), cfg).numpy()
-                                     for b in iter_array_batches(data["test"], bs)])
+                fs, ys, ks, ss = [], [], [], []
+                for b in iter_split(data[split], bs):
+                    t = self.to_batch(b)
+                    f = model.features(t, LEVELS)
+                    fs.append(f.numpy())
+                    ys.append(np.asarray(b["y"]))
+                    ks.append(np.asarray(b.get("manipulation", np.where(np.asarray(b["y"]) == 1, "fake", "none"))).astype(str))
+                    if split == "test":
+                        ss.append(self.predict(model, t, cfg).numpy())
+                feats[split] = np.concatenate(fs)
+                meta[split] = {"y": np.concatenate(ys), "manipulation": np.concatenate(ks)}
+        data = meta  # what the report below reads of each split
+        scores = np.concatenate(ss)
         out = {"test_by_manipulation": {"model": per_kind_auc(data["test"], scores)}}
         abl = {}
         for name, levels in (("global_only", "global"), ("hierarchical", "+".join(LEVELS))):

@@ -146,13 +146,49 @@ class ExternalBlackBox(nn.Module):
         return torch.log(torch.stack([1 - p, p], dim=1))  # log-probabilities: softmax gives back (1 - p, p)
 
 
+class TimmBlackBox(nn.Module):
+    """Any timm image classifier (``method.blackbox.timm``: a model name or pretrained tag; weights
+    from ``method.blackbox.weights``, loaded strictly by trustlab.platform.weights) as the black box:
+    multi-class logits of 3-channel [0, 1] images, through the classifier's own preprocessing
+    (its pretrained config's input size, interpolation, mean and std). Not trained here."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        import timm
+
+        from trustlab.platform.weights import create_timm
+
+        bb = cfg["method"]["blackbox"]
+        kw = {"num_classes": int(bb["num_classes"])} if bb.get("num_classes") else {}
+        self.net = create_timm(bb["timm"], bb.get("weights"), cfg, what="the black-box classifier", **kw)
+        dc = timm.data.resolve_data_config({}, model=self.net)
+        self.input_size = tuple(int(s) for s in dc["input_size"][1:])
+        self.interpolation = "bicubic" if dc.get("interpolation") == "bicubic" else "bilinear"
+        self.register_buffer("mean", torch.tensor(dc["mean"], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(dc["std"], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.n_classes = int(self.net.num_classes)
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.net.eval()
+
+    def train(self, mode: bool = True):  # always in eval mode
+        return super().train(False)
+
+    def forward(self, x):
+        if tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode=self.interpolation, align_corners=False).clamp(0, 1)
+        return self.net((x - self.mean) / self.std)
+
+
 class RelabelModel(nn.Module):
     def __init__(self, cfg: dict, shape: tuple, n_classes: int):
         super().__init__()
         m = cfg["method"]
         ch, h, _ = shape
         bb = m["blackbox"]
-        if bb.get("checkpoint"):
+        if bb.get("timm"):
+            self.blackbox = TimmBlackBox(cfg)
+        elif bb.get("checkpoint"):
             self.blackbox = ExternalBlackBox(bb["checkpoint"], cfg["run"].get("s3_endpoint"))
         else:
             self.blackbox = DigitsCNN(ch, n_classes, int(bb["width"]), h)
@@ -344,7 +380,9 @@ def _explain_metrics(model, arrays: dict, cfg: dict, idx: np.ndarray, seed: int,
 
 def relabel_worker_loop(config: dict) -> None:
     """Non-gradient stage: each worker explains its share of the val images; the gathered
-    deletion / insertion AUCs give ``val_score = insertion - deletion`` (one report)."""
+    deletion / insertion AUCs give ``val_score = insertion - deletion`` (one report). No
+    gradients and per-image work on the CPU in fp32 (``trainer.precision`` does not apply: the
+    deletion/insertion curves it selects on would move with the rounding)."""
     from trustlab.platform.train import WorkerContext
 
     ctx = WorkerContext.from_ray(config)
@@ -372,7 +410,7 @@ class Relabel:
     modality = "image"
 
     def _external(self, cfg):
-        return bool(cfg["method"]["blackbox"].get("checkpoint"))
+        return bool(cfg["method"]["blackbox"].get("checkpoint") or cfg["method"]["blackbox"].get("timm"))
 
     def stages(self, cfg: dict) -> list[str]:
         return (["vae"] if self._external(cfg) else ["blackbox", "vae"]) + ["relabel"]
@@ -385,6 +423,16 @@ class Relabel:
 
     def build_data(self, cfg: dict) -> dict:
         m = cfg["method"]
+        if m["blackbox"].get("timm"):  # a timm classifier explained on images of a data group (a sample of each split)
+            if cfg["data"]["name"] == "auto":
+                raise ValueError("explaining a timm classifier needs images: choose data=image_manifest|genimage|cnnspot|aigcdetect")
+            from trustlab.platform.data.images import image_datasets, take_arrays
+
+            d, e = m["data"], m["eval"]
+            dsets, _ = image_datasets(cfg["data"], int(d["size"]), seed=int(cfg["seed"]),
+                                      endpoint=cfg["run"].get("s3_endpoint"))
+            n = {"train": int(d["n_train_images"]), "val": int(e["n_val_images"]), "test": int(e["n_images"])}
+            return {s: take_arrays(ds, n[s], ("x", "y", "vid")) for s, ds in dsets.items()}
         if self._external(cfg):
             from trustlab.platform.checkpoints import load_state
             from trustlab.platform.registry import get_method
@@ -399,6 +447,9 @@ class Relabel:
         return digits_splits(int(cfg["seed"]), int(d["n_val"]), int(d["n_test"]))
 
     def _shape(self, cfg):
+        if cfg["method"]["blackbox"].get("timm"):
+            s = int(cfg["method"]["data"]["size"])
+            return (3, s, s), int(cfg["method"]["blackbox"].get("num_classes") or 0)
         if self._external(cfg):
             from trustlab.platform.checkpoints import load_state
 
@@ -469,7 +520,9 @@ class Relabel:
         te = data["test"]
         with torch.no_grad():
             xt = _as_float(torch.from_numpy(np.asarray(te["x"])))
-            acc = float((model.probs(xt).argmax(1).numpy() == np.asarray(te["y"])).mean())
+            # a timm classifier's classes are not the data set's labels: no accuracy to report
+            acc = float("nan") if m["blackbox"].get("timm") else \
+                float((model.probs(xt).argmax(1).numpy() == np.asarray(te["y"])).mean())
             torch.manual_seed(seed)
             vae = model.vae.loss(xt, float(m["vae"]["beta"]))
             mu, _ = model.vae.encode(xt)

@@ -305,17 +305,22 @@ def _stream_set(cfg: dict, name: str, splits, vid_offset: int) -> dict:
 
 
 def bad_file_summary() -> dict:
-    """``{set: {"bad_files": [{uri, split, reason, count}], "stats": {split: counts}}}`` of the
-    current run's streamed sets: what every split read so far (training workers included) could
-    not decode, and the face/frame counts."""
+    """``{set: {"bad_files": [{uri, split, reason, count}], "stats": {split: counts}, "faces":
+    [{split, uri, frames, detected, fallback, lost, coverage, low_coverage}]}}`` of the current
+    run's streamed sets: what every split read so far (training workers included) could not
+    decode, the frame/face counts per split (frames, faces found, fallbacks, lost tracks, videos
+    under the track-coverage share) and the videos behind the face counts."""
     out = {}
     for name, rep in _REPORTS:
         got = rep._get()
-        out[name] = {"bad_files": sorted(got["bad"], key=lambda b: (b["split"], b["uri"])), "stats": got["stats"]}
+        out[name] = {"bad_files": sorted(got["bad"], key=lambda b: (b["split"], b["uri"])), "stats": got["stats"],
+                     "faces": sorted(got.get("faces", []), key=lambda r: (r["split"], r["uri"]))}
     return out
 
 
 def bad_file_lines(summary: dict) -> list[str]:
+    from trustlab.platform.data.video import face_count_text
+
     lines = []
     for name, rep in summary.items():
         bad = rep["bad_files"]
@@ -327,6 +332,12 @@ def bad_file_lines(summary: dict) -> list[str]:
         lines.extend(f"  {b['split']}: {b['uri']} — {b['reason']}" for b in bad[:20])
         if len(bad) > 20:
             lines.append(f"  ... {len(bad) - 20} more in bad_files.json")
+        for split, st in sorted(rep["stats"].items()):
+            lines.append(f"  faces {split}: {st.get('frames', 0)} frames, " + face_count_text(st)
+                         + (" (counts stored with the cached crops)" if st.get("cached") else ""))
+        if rep.get("faces"):
+            lines.append(f"  {len(rep['faces'])} video(s) with a face fallback, a lost track or low coverage: "
+                         "named in face_issues.json")
     return lines
 
 
@@ -479,18 +490,13 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, extra_neg: to
 
 class FrameTokens(torch.nn.Module):
     """Per-frame timm CNN -> spatial feature map -> 1x1 projection: ``(B, T, h*w, D)`` tokens.
-    Random init (``pretrained=False``); weights only from ``weights`` (local or s3://)."""
+    Random init unless ``weights`` (local, s3:// or timm:<tag>; loaded by trustlab.platform.weights)."""
 
-    def __init__(self, cnn: str, out_index: int, dim: int, weights: str | None = None, s3_endpoint=None):
+    def __init__(self, cnn: str, out_index: int, dim: int, weights: str | None = None, cfg: dict | None = None):
         super().__init__()
-        import timm
+        from trustlab.platform.weights import create_timm
 
-        self.cnn = timm.create_model(cnn, pretrained=False, features_only=True, out_indices=(out_index,))
-        if weights:
-            from trustlab.platform.checkpoints import load_state
-
-            sd = load_state(weights, s3_endpoint)
-            self.cnn.load_state_dict(sd.get("model", sd), strict=False)
+        self.cnn = create_timm(cnn, weights, cfg, what="the per-frame CNN", features_only=True, out_indices=(out_index,))
         self.proj = torch.nn.Conv2d(self.cnn.feature_info.channels()[-1], dim, 1)
         self.reduction = self.cnn.feature_info.reduction()[-1]
 
@@ -501,6 +507,22 @@ class FrameTokens(torch.nn.Module):
         b, t = x.shape[:2]
         f = self.proj(self.cnn(normalise(x).flatten(0, 1))[-1])  # (B*T, D, h, w)
         return f.flatten(2).transpose(1, 2).reshape(b, t, -1, f.shape[1])
+
+
+TRANSFORMER_PARTS = ("blocks.", "norm.", "pos", "frame_embed", "mask_token")
+
+
+def load_transformer(model: torch.nn.Module, cfg: dict, prefix: str = "") -> None:
+    """``method.transformer_weights`` (a NACO or LAST checkpoint, or any file with their
+    Transformer's tensors: blocks, norm, position / frame embeddings, mask token) into the
+    Transformer of ``model`` whose parameters sit under ``prefix``; loud and strict like every
+    load (trustlab.platform.weights)."""
+    src = cfg["method"].get("transformer_weights")
+    if src:
+        from trustlab.platform.weights import load_into
+
+        load_into(model, src, cfg, include=tuple(prefix + p for p in TRANSFORMER_PARTS),
+                  what=f"the {cfg['method']['name']} Transformer")
 
 
 def clip_summary(h: torch.Tensor) -> torch.Tensor:
@@ -631,10 +653,15 @@ def video_report(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
             out["ablation"].update(run_ablations(method, cfg, model, data, run_dir))
         else:
             out["ablation"] = {"skipped": f"ablations are trained in mode=train only (mode={cfg.get('mode')})"}
-    if _REPORTS:  # streamed sets: bad files of every split read, training included
-        out["data_errors"] = bad_file_summary()
-        write_json(os.path.join(run_dir, "bad_files.json"), out["data_errors"])
-    lines = summary_lines(out, full) + bad_file_lines(out.get("data_errors") or {})
+    data_lines = []
+    if _REPORTS:  # streamed sets: bad files and face counts of every split read, training included
+        errors = bad_file_summary()
+        data_lines = bad_file_lines(errors)
+        # counts per split in metrics.json; the names of the videos behind them in the run folder
+        write_json(os.path.join(run_dir, "face_issues.json"), {n: e.pop("faces") for n, e in errors.items()})
+        out["data_errors"] = errors
+        write_json(os.path.join(run_dir, "bad_files.json"), errors)
+    lines = summary_lines(out, full) + data_lines
     with open(os.path.join(run_dir, "video_summary.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

@@ -66,7 +66,7 @@ class LASTNet(nn.Module):
         d = int(m["dim"])
         self.backbone = nn.Module()
         bb = self.backbone
-        bb.frames = V.FrameTokens(m["cnn"], int(m["cnn_stage"]), d, m.get("weights"), cfg["run"].get("s3_endpoint"))
+        bb.frames = V.FrameTokens(m["cnn"], int(m["cnn_stage"]), d, m.get("weights"), cfg)
         g = bb.frames.grid(int(m["data"]["size"]))
         bb.pos = nn.Parameter(torch.zeros(1, 1, g * g, d))
         bb.frame_embed = nn.Parameter(torch.zeros(1, int(m["max_frames"]), 1, d))
@@ -80,6 +80,7 @@ class LASTNet(nn.Module):
         # the transferable linear head, on features standardised by their domain's statistics
         self.domains = 1 + len(V.protocol(cfg)[1])  # source + each target of the protocol
         self.head = nn.Sequential(DomainStandardize(2 * d, self.domains), nn.Linear(2 * d, 1))
+        V.load_transformer(self, cfg, prefix="backbone.")
         self.frozen = stage == "adapt"
         if self.frozen:
             for n, p in self.named_parameters():

@@ -62,7 +62,7 @@ class NACONet(nn.Module):
 
         m = cfg["method"]
         d = int(m["dim"])
-        self.frames = V.FrameTokens(m["cnn"], int(m["cnn_stage"]), d, m.get("weights"), cfg["run"].get("s3_endpoint"))
+        self.frames = V.FrameTokens(m["cnn"], int(m["cnn_stage"]), d, m.get("weights"), cfg)
         g = self.frames.grid(int(m["data"]["size"]))
         self.pos = nn.Parameter(torch.zeros(1, 1, g * g, d))
         self.frame_embed = nn.Parameter(torch.zeros(1, int(m["max_frames"]), 1, d))
@@ -75,6 +75,7 @@ class NACONet(nn.Module):
         self.projector = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, int(m["tcm"]["proj_dim"])))  # TCM
         h = int(m["head"]["hidden"])
         self.head = nn.Sequential(nn.Linear(2 * d, h), nn.GELU(), nn.Dropout(float(m["head"]["dropout"])), nn.Linear(h, 1))
+        V.load_transformer(self, cfg)
         self.frozen = stage == "finetune_head"
         if self.frozen:
             for n, p in self.named_parameters():

@@ -93,15 +93,17 @@ def sweep(method, model, split, cfg: dict, out_dir: str, levels: dict | None = N
 
     levels = levels or DEFAULT_LEVELS
     clean, _ = evaluate_split(method, model, split, cfg)
+    from trustlab.platform.progress import progress
+
     rows = []
-    for kind, lv in levels.items():
-        for level in lv:
-            m, _ = evaluate_split(method, model, perturb_split(split, kind, level, seed), cfg)
-            row = {"kind": kind, "level": level}
-            for lvl in ("frame", "video"):
-                for k in ("auc", "ap", "eer", "acc"):
-                    row[f"{lvl}_{k}"] = m[lvl][k]
-            rows.append(row)
+    settings = [(kind, level) for kind, lv in levels.items() for level in lv]
+    for kind, level in progress(settings, "robustness sweep", unit="setting"):
+        m, _ = evaluate_split(method, model, perturb_split(split, kind, level, seed), cfg)
+        row = {"kind": kind, "level": level}
+        for lvl in ("frame", "video"):
+            for k in ("auc", "ap", "eer", "acc"):
+                row[f"{lvl}_{k}"] = m[lvl][k]
+        rows.append(row)
     os.makedirs(out_dir, exist_ok=True)
     csv = os.path.join(out_dir, f"{prefix}.csv")
     df = pd.DataFrame(rows)

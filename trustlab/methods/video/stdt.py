@@ -69,19 +69,13 @@ class SpatioTemporalDropout(nn.Module):
 class STDTNet(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
-        import timm
+        from trustlab.platform.weights import create_timm
 
         m = cfg["method"]
         size = int(m["data"]["size"])
         vit_kw = {k: v for k, v in (m.get("vit") or {}).items() if v is not None}
-        self.vit = timm.create_model(m["backbone"], pretrained=False, num_classes=1, img_size=size,
-                                     patch_size=int(m["patch_size"]), drop_path_rate=float(m.get("drop_path", 0.0)),
-                                     **vit_kw)
-        if m.get("weights"):
-            from trustlab.platform.checkpoints import load_state
-
-            sd = load_state(m["weights"], cfg["run"].get("s3_endpoint"))
-            self.vit.load_state_dict(sd.get("model", sd), strict=False)
+        self.vit = create_timm(m["backbone"], m.get("weights"), cfg, what="the STDT ViT", num_classes=1, img_size=size,
+                               patch_size=int(m["patch_size"]), drop_path_rate=float(m.get("drop_path", 0.0)), **vit_kw)
         if self.vit.num_prefix_tokens != 1 or getattr(self.vit, "no_embed_class", False):
             raise ValueError("STDT needs a timm ViT with one class token and position embeddings that include it")
         d = self.vit.embed_dim

@@ -2,7 +2,7 @@
 
 Faces come from real photos that ship with the project or its packages: scikit-image's
 ``astronaut``, the six faces of ``../shared/data/real/multiface.jpg`` and the portraits in
-``../shared/data/real/faces/*.jpg`` (located with the same Haar cascade the pipeline uses). When
+``../shared/data/real/faces/*.jpg`` (located with the Haar cascade of `trustlab.platform.data.faces`). When
 the shared folder is absent only the astronaut is used.
 
 **Real** videos animate one face photo with smooth, natural camera/head motion: a slow drift of
@@ -92,7 +92,7 @@ def face_patches(patch_size: int = 256) -> tuple:
             photos.append((os.path.splitext(os.path.basename(p))[0], _load_rgb(p), "largest"))
     out = []
     for name, img, which in photos:
-        boxes = det.detect(img)
+        boxes = det.detect(img).boxes
         if len(boxes) == 0:
             continue
         if which == "largest":
@@ -291,6 +291,8 @@ def build_synth_video_manifest(root: str, seed: int = 0, n_videos_per_class: int
     n_tr = int(round(fr[0] * n))
     n_va = int(round(fr[1] * n))
     splits = ["train"] * n_tr + ["val"] * n_va + ["test"] * max(0, n - n_tr - n_va)
+    from trustlab.platform.progress import progress
+
     tmpd = d + f".tmp{os.getpid()}"
     shutil.rmtree(tmpd, ignore_errors=True)
     rows = []
@@ -298,7 +300,7 @@ def build_synth_video_manifest(root: str, seed: int = 0, n_videos_per_class: int
     for split in ("train", "val", "test"):
         k = splits.count(split)
         for label in (0, 1):
-            for i in range(k):
+            for i in progress(range(k), f"generating {split} videos ({'fake' if label else 'real'})", unit="video"):
                 rng = np.random.default_rng([int(seed), idx])
                 ti = int(rng.integers(len(faces)))
                 manip = "none" if label == 0 else manipulations[i % len(manipulations)]

@@ -44,13 +44,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from trustlab.platform.method import to_batch
 from trustlab.platform.registry import register_method
+from trustlab.platform.weights import create_timm
 
 KINDS = ("none", "blend", "warp")  # manipulation kind ids used in batches (``kind``)
 
@@ -184,13 +184,8 @@ class WhiteningNet(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
         m = cfg["method"]
-        self.cnn = timm.create_model(m["backbone"], pretrained=False, num_classes=1,
-                                     drop_rate=float(m.get("dropout", 0.0)))
-        if m.get("weights"):
-            from trustlab.platform.checkpoints import load_state
-
-            sd = load_state(m["weights"], cfg["run"].get("s3_endpoint"))
-            self.cnn.load_state_dict(sd.get("model", sd), strict=False)
+        self.cnn = create_timm(m["backbone"], m.get("weights"), cfg, what="the whitening CNN", num_classes=1,
+                               drop_rate=float(m.get("dropout", 0.0)))
         info = self.cnn.feature_info[int(m["stage"])]
         self.stage_module = info["module"]
         self.channels = C = int(info["num_chs"])
@@ -282,10 +277,15 @@ class Whitening:
         from trustlab.methods.whitening import face_manip
 
         d = cfg["method"]["data"]
-        if cfg["data"]["name"] != "auto":
-            from trustlab.platform.data.genimage_synth import load_image_manifest
+        if cfg["data"]["name"] != "auto":  # a real image set, streamed; it carries no manipulation masks
+            from trustlab.platform.data.images import image_datasets
 
-            return load_image_manifest(cfg["data"]["manifest"], d["size"])
+            dsets, df = image_datasets(cfg["data"], int(d["size"]), seed=int(cfg["seed"]),
+                                       endpoint=cfg["run"].get("s3_endpoint"))
+            d["n_train"] = int((df["split"] == "train").sum())  # sizes the lr schedule (written before any stage)
+            print(f"[whitening] {cfg['data']['name']}: no manipulation masks, so the concept constraint "
+                  f"(method.loss_weights.constraint) is off; decorrelation and detection train as usual", flush=True)
+            return dsets
         data = face_manip.build(d["root"], int(cfg["seed"]), int(d["size"]), int(d["n_train"]), int(d["n_val"]),
                                 int(d["n_test"]), float(d["blend_strength"]), float(d["warp_strength"]),
                                 float(d["feather"]))
@@ -293,14 +293,27 @@ class Whitening:
             a["kind"] = np.array([KINDS.index(k) for k in a["manipulation"]], np.int64)
         return data
 
+    def stage_data(self, cfg: dict, stage: str, data: dict) -> dict:
+        """A streamed training split also gives ``calib``: its first ``calib_samples`` images."""
+        if isinstance(data.get("train"), dict):
+            return data
+        return {**data, "calib": data["train"].limit(int(cfg["method"]["calib_samples"]))}
+
     def validate(self, model, stage, cfg, batches, ctx) -> dict:
         """Recalibrate the whitening statistics on training images (eval mode, the same images on
-        every rank), then the generic detection validation metrics."""
+        every rank: a streamed ``calib`` split is gathered from all ranks), then the generic
+        detection validation metrics."""
         from trustlab.platform.train import detection_validation
 
         net = model.module if hasattr(model, "module") else model
+        n = int(cfg["method"]["calib_samples"])
         if ctx.data.get("train") is not None:
-            calibrate(net, ctx.data["train"], int(cfg["method"]["calib_samples"]))
+            calibrate(net, ctx.data["train"], n)
+        elif "calib" in ctx.shards:
+            mine = [b["x"] for b in ctx.shards["calib"].iter_batches(batch_size=256, batch_format="numpy")]
+            parts = [p for p in ctx.gather(np.concatenate(mine) if mine else None) if p is not None]
+            if parts:
+                calibrate(net, {"x": np.concatenate(parts)}, n)
         return detection_validation(ctx.method, model, cfg, batches, ctx)
 
     def configure_optimizer(self, model, cfg: dict, stage: str, steps_per_epoch=None):
@@ -369,6 +382,10 @@ class Whitening:
 
         model.eval()
         test = data["test"]
+        if not isinstance(test, dict):  # a streamed set: the report reads its first report_samples images
+            from trustlab.platform.data.images import take_arrays
+
+            test = take_arrays(test, int(cfg["method"].get("report_samples", 512)))
         fs, zs = [], []
         with torch.no_grad():
             for b in iter_array_batches(test, int(cfg["trainer"]["eval_batch_size"])):
@@ -386,7 +403,12 @@ class Whitening:
             "whitened_mean_abs_offdiag_corr": mean_abs_offdiag(correlation(cz)),
             "whitened_mean_abs_diag_minus_1": float((cz.diagonal() - 1).abs().mean()),
         }}
-        out["concept_axes"] = concept_pointing(model, z, test)
+        if "mask" in test:
+            out["concept_axes"] = concept_pointing(model, z, test)
+            out["concept_constraint"] = "on"
+        else:
+            out["concept_constraint"] = "off: the dataset has no manipulation masks (no concept axes to check)"
+            out["summary_lines"] = [f"concept constraint {out['concept_constraint']}"]
         out["axis_maps"] = write_axis_maps(model, test, os.path.join(run_dir, "axis_maps"),
                                            int(cfg["method"].get("n_maps", 6)))
         return out
@@ -441,8 +463,12 @@ def write_axis_maps(net: WhiteningNet, split: dict, out_dir: str, n: int = 6, to
     os.makedirs(out_dir, exist_ok=True)
     kinds = np.asarray(split["manipulation"])
     picks = []
-    for kname in ("blend", "warp", "none"):
-        picks += list(np.nonzero(kinds == kname)[0][: max(1, n // 3)])
+    if "mask" in split:
+        for kname in ("blend", "warp", "none"):
+            picks += list(np.nonzero(kinds == kname)[0][: max(1, n // 3)])
+    else:  # no masks (a real image set): fakes and reals
+        y = np.asarray(split["y"])
+        picks = list(np.nonzero(y == 1)[0][: max(1, n // 2)]) + list(np.nonzero(y == 0)[0][: max(1, n // 2)])
     picks = np.array(picks[:n], dtype=np.int64)
     x = torch.from_numpy(split["x"][picks]).float() / 255.0
     z, contrib = axis_attribution(net, x)
@@ -452,19 +478,21 @@ def write_axis_maps(net: WhiteningNet, split: dict, out_dir: str, n: int = 6, to
         axes = [(f"axis {k} ({c})", k) for k, c in enumerate(net.concepts)]
         order = [int(a) for a in contrib[r].argsort(descending=True) if int(a) >= len(net.concepts)][:top]
         axes += [(f"axis {a} ({float(contrib[r, a]):+.2f})", a) for a in order]
-        cols = 2 + len(axes)
+        first = 2 if "mask" in split else 1
+        cols = first + len(axes)
         fig, ax = plt.subplots(1, cols, figsize=(2.1 * cols, 2.4))
         ax[0].imshow(img)
         ax[0].set_title(f"{kinds[i]} (id {int(split['vid'][i])})", fontsize=8)
-        ax[1].imshow(img)
-        ax[1].imshow(split["mask"][i, 0], cmap="Reds", alpha=0.5, vmin=0, vmax=255)
-        ax[1].set_title("manipulated region", fontsize=8)
+        if "mask" in split:
+            ax[1].imshow(img)
+            ax[1].imshow(split["mask"][i, 0], cmap="Reds", alpha=0.5, vmin=0, vmax=255)
+            ax[1].set_title("manipulated region", fontsize=8)
         H, W = img.shape[:2]
         for j, (title, a) in enumerate(axes):
             up = F.interpolate(z[r, a][None, None], size=(H, W), mode="bilinear", align_corners=False)[0, 0].numpy()
-            ax[2 + j].imshow(img)
-            ax[2 + j].imshow(up, cmap="jet", alpha=0.45)
-            ax[2 + j].set_title(title, fontsize=8)
+            ax[first + j].imshow(img)
+            ax[first + j].imshow(up, cmap="jet", alpha=0.45)
+            ax[first + j].set_title(title, fontsize=8)
         for a_ in ax:
             a_.axis("off")
         fig.tight_layout()

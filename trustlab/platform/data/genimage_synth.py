@@ -23,6 +23,7 @@ import pandas as pd
 from PIL import Image
 
 from trustlab.platform.data.natural import area_resize, random_patch
+from trustlab.platform.progress import progress
 
 
 def upsample_decoder(img: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
@@ -71,7 +72,7 @@ def build_manifest(root: str, seed: int, size: int, n_train: int, n_val: int, n_
     idx = 0
     for split, n, off in (("train", n_train, 0), ("val", n_val, 1), ("test", n_test, 2)):
         rng = np.random.default_rng([seed, off])
-        for i in range(n):
+        for i in progress(range(n), f"generating {split} images", unit="img"):
             label = i % 2
             img = random_patch(rng, size)
             if label:
@@ -95,7 +96,7 @@ def load_image_manifest(manifest: str, size: int | None = None) -> dict:
     out = {}
     for split, g in df.groupby("split", sort=False):
         xs = []
-        for uri in g["uri"]:
+        for uri in progress(g["uri"], f"decoding {split} images", unit="img"):
             im = Image.open(__import__("io").BytesIO(storage.read_bytes(uri))).convert("RGB")
             if size and im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)

