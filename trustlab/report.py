@@ -218,7 +218,7 @@ def leaderboard_plot(group: list[dict], title: str, path: str) -> str | None:
         ax.axvline(0.5, color="0.6", lw=0.8, ls=":")
     ax.set_xlabel("test metric" + (" (dotted: chance AUC)" if any(c.endswith(" auc") for c in cols) else ""))
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: inside, it hid the bars' ends
     return _save(plt, fig, path)
 
 
