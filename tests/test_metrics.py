@@ -43,3 +43,17 @@ def test_video_level_averages_scores_per_video():
     assert vs == pytest.approx([0.6, 0.3]) and list(vl) == [1, 0]
     m = detection_metrics(y, s, v)
     assert m["video"]["n"] == 2 and m["frame"]["n"] == 5 and m["video"]["auc"] == 1.0
+
+
+def test_video_methods_report_clip_level_not_frame_level():
+    """A video method scores clips, not frames: its sample level is named ``clip`` (the field's
+    frame AUC is per frame), images keep ``frame``."""
+    from trustlab.platform.method import sample_level
+    from trustlab.platform.registry import get_method, list_methods
+
+    y = np.array([0, 1, 0, 1])
+    m = detection_metrics(y, np.array([0.1, 0.9, 0.2, 0.8]), np.array([0, 1, 2, 3]), level="clip")
+    assert set(m) == {"clip", "video"} and m["clip"]["auc"] == 1.0
+    levels = {n: sample_level(get_method(n)) for n in list_methods()}
+    assert {n for n, lv in levels.items() if lv == "clip"} == {"stdt", "naco", "last"}, levels
+    assert {lv for n, lv in levels.items() if n not in ("stdt", "naco", "last")} == {"frame"}, levels

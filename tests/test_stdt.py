@@ -149,6 +149,7 @@ def test_robustness_perturbations_and_sweep(tmp_path):
 
     class M:
         to_batch = get_method("stdt").to_batch
+        sample_level = "clip"  # scores are per clip, as the video methods' are
 
         def predict(self, model, batch, cfg):
             return model(batch["x"])
@@ -160,12 +161,12 @@ def test_robustness_perturbations_and_sweep(tmp_path):
     split = {"x": xs, "y": y.astype(np.int64), "vid": np.arange(80)}
     res = robustness.sweep(M(), HF(), split, cfg_of(), str(tmp_path),
                            levels={"blur": [0.5, 3.0], "downscale": [2.0], "jpeg": [95]})
-    assert res["clean"]["frame"]["auc"] == 1.0
+    assert res["clean"]["clip"]["auc"] == 1.0
     assert os.path.exists(tmp_path / "robustness.csv") and os.path.exists(tmp_path / "robustness.png")
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "robustness.csv")
     assert list(table["kind"]) == ["clean", "blur", "blur", "downscale", "jpeg"]
-    auc = {(k, lv): a for k, lv, a in zip(table["kind"], table["level"], table["frame_auc"])}
+    auc = {(k, lv): a for k, lv, a in zip(table["kind"], table["level"], table["clip_auc"])}
     assert auc[("blur", 0.5)] > 0.95 and auc[("jpeg", 95)] > 0.95
     assert auc[("blur", 3.0)] < 0.65 and auc[("downscale", 2.0)] < 0.65

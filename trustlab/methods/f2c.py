@@ -9,7 +9,9 @@ or below ``tau`` are removed, higher ones are re-weighted by
 The coefficients (a, b, c) = (-0.2, 0.8, -0.05) are from a third-party summary of the paper
 (METHODS.md, "verify before relying on it"); they, ``tau`` and the frequency normalisation are
 config and swept by Tune. Frequency ``f`` is the radial frequency in cycles/pixel divided by
-the per-axis Nyquist 0.5 (so f = 1 at the axis Nyquist, sqrt(2) in the corners). The filtered
+a normalisation (``method.freq_norm``): ``axis`` divides by the per-axis Nyquist 0.5 (f = 1 at
+the axis Nyquist, sqrt(2) in the corners; the default), ``corner`` by the corner's sqrt(2)/2
+(f <= 1 everywhere, so the same ``tau`` and coefficients select lower bands). The filtered
 spectrum goes back to an image-shaped tensor (real part of the inverse FFT), is standardised
 per image, and feeds a timm CNN (``resnet10t`` by default; any timm name works).
 Ablation: ``method.filter=none`` feeds the raw image to the same CNN.
@@ -27,10 +29,15 @@ from trustlab.platform.registry import register_method
 from trustlab.platform.weights import create_timm
 
 
-def radial_frequency(h: int, w: int, device=None) -> torch.Tensor:
+FREQ_NORMS = {"axis": 0.5, "corner": math.sqrt(0.5)}  # cycles/pixel that map to f = 1
+
+
+def radial_frequency(h: int, w: int, device=None, norm: str = "axis") -> torch.Tensor:
+    if norm not in FREQ_NORMS:
+        raise ValueError(f"freq_norm must be one of {sorted(FREQ_NORMS)}, got {norm!r}")
     fy = torch.fft.fftfreq(h, device=device).abs()
     fx = torch.fft.fftfreq(w, device=device).abs()
-    return torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / 0.5
+    return torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / FREQ_NORMS[norm]
 
 
 def selective_weight(f: torch.Tensor, tau: float, a: float, b: float, c: float) -> torch.Tensor:
@@ -44,17 +51,19 @@ class SpectralFilter(nn.Module):
     """Weights the 2-D Fourier spectrum of each channel by w(|f|) and returns the real part of
     the inverse transform, standardised per image. ``mode="none"`` is the identity (ablation)."""
 
-    def __init__(self, tau: float, a: float, b: float, c: float, mode: str = "f2c"):
+    def __init__(self, tau: float, a: float, b: float, c: float, mode: str = "f2c", norm: str = "axis"):
         super().__init__()
         if mode not in ("f2c", "none"):
             raise ValueError(f"filter must be 'f2c' or 'none', got {mode!r}")
-        self.mode, self.tau, self.coef = mode, float(tau), (float(a), float(b), float(c))
+        if norm not in FREQ_NORMS:
+            raise ValueError(f"freq_norm must be one of {sorted(FREQ_NORMS)}, got {norm!r}")
+        self.mode, self.tau, self.coef, self.norm = mode, float(tau), (float(a), float(b), float(c)), norm
         self._cache: dict = {}
 
     def weight(self, h: int, w: int, device) -> torch.Tensor:
         key = (h, w, str(device))
         if key not in self._cache:
-            self._cache[key] = selective_weight(radial_frequency(h, w, device), self.tau, *self.coef)
+            self._cache[key] = selective_weight(radial_frequency(h, w, device, self.norm), self.tau, *self.coef)
         return self._cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +79,8 @@ class F2CNet(nn.Module):
         super().__init__()
         m = cfg["method"]
         co = m["coeffs"]
-        self.filter = SpectralFilter(m["tau"], co["a"], co["b"], co["c"], m["filter"])
+        # configs saved before freq_norm existed used the axis normalisation
+        self.filter = SpectralFilter(m["tau"], co["a"], co["b"], co["c"], m["filter"], m.get("freq_norm", "axis"))
         self.backbone = create_timm(m["backbone"], m.get("weights"), cfg, what="the F2C backbone", num_classes=1,
                                     drop_rate=float(m.get("dropout", 0.0)))
 

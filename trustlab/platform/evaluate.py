@@ -61,13 +61,18 @@ def score_batches(method, model, batches, cfg: dict, device="cpu", groups: list 
 
 def evaluate_arrays(method, model, arrays: dict, cfg: dict, device="cpu", batch_size: int | None = None) -> tuple[dict, tuple]:
     bs = batch_size or int(cfg["trainer"]["eval_batch_size"])
+    from trustlab.platform.method import sample_level
+
     y, s, v = score_batches(method, model, iter_array_batches(arrays, bs), cfg, device)
-    return detection_metrics(y, s, v, float(cfg["trainer"].get("threshold", 0.5))), (y, s, v)
+    return detection_metrics(y, s, v, float(cfg["trainer"].get("threshold", 0.5)), sample_level(method)), (y, s, v)
 
 
 def evaluate_split(method, model, split, cfg: dict, device="cpu"):
-    """Detection metrics of a split (arrays or a Ray Dataset), plus ``by_generator`` (frame
+    """Detection metrics of a split (arrays or a Ray Dataset), plus ``by_generator`` (sample-level
     metrics per value of the ``generator`` column) when the split holds several generators."""
+    from trustlab.platform.method import sample_level
+
+    level = sample_level(method)
     bs = int(cfg["trainer"]["eval_batch_size"])
     batches = iter_array_batches(split, bs) if isinstance(split, dict) else \
         split.iter_batches(batch_size=bs, batch_format="numpy")
@@ -78,9 +83,9 @@ def evaluate_split(method, model, split, cfg: dict, device="cpu"):
     groups: list = []
     y, s, v = score_batches(method, model, batches, cfg, device, groups)
     thr = float(cfg["trainer"].get("threshold", 0.5))
-    m = detection_metrics(y, s, v, thr)
+    m = detection_metrics(y, s, v, thr, level)
     g = np.concatenate(groups) if groups else np.zeros(0, str)
     names = sorted(set(g.tolist()) - {""})
     if len(names) > 1:
-        m["by_generator"] = {n: detection_metrics(y[g == n], s[g == n], v[g == n], thr)["frame"] for n in names}
+        m["by_generator"] = {n: detection_metrics(y[g == n], s[g == n], v[g == n], thr, level)[level] for n in names}
     return m, (y, s, v)

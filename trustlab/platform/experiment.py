@@ -43,7 +43,7 @@ def summarize(cfg: dict, run_dir: str, metrics: dict, extra_lines=()) -> str:
     lines = [f"== trustlab {cfg['method']['name']} ({cfg['mode']}) — run {cfg['run']['name']}",
              f"run folder: {run_dir}"]
     for split in ("val", "test"):
-        for level in ("frame", "video"):
+        for level in ("frame", "clip", "video"):  # the sample level (frame or clip), then video
             m = metrics.get(split, {}).get(level)
             if m:
                 lines.append(f"{split:>5} {level:<6} " + "  ".join(

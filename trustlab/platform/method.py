@@ -134,7 +134,17 @@ DEFAULTS: dict[str, Callable] = {
 #: - ``manifest(cfg)`` -> the manifest DataFrame of the run's dataset (``uri, label, split`` ...),
 #:   for datasets the data plane does not resolve by ``data.name`` (FSCIL benchmarks, face pairs);
 #:   ``mode=inspect`` counts and checks it. None = let the data plane resolve ``data.name``.
-OPTIONAL = ("worker_loop_for", "validate", "evaluate", "after_train", "serve_inputs", "serve_adapter", "manifest")
+#: - ``sample_level``: the name of the level a scored sample stands for in ``metrics.json``
+#:   (``"frame"``, the default: one image or frame; ``"clip"`` where a sample is a clip of
+#:   frames, so a per-clip score is never reported as a per-frame one). Read by ``sample_level``.
+OPTIONAL = ("worker_loop_for", "validate", "evaluate", "after_train", "serve_inputs", "serve_adapter", "manifest",
+            "sample_level")
+
+
+def sample_level(method) -> str:
+    """The metrics level of one scored sample: the method's ``sample_level`` or ``"frame"``."""
+    impl = method.impl if isinstance(method, Bound) else method
+    return str(getattr(impl, "sample_level", "frame"))
 
 
 class Bound:

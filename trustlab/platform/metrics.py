@@ -1,4 +1,5 @@
-"""Detection metrics at frame and video level: AUC, AP, EER, accuracy.
+"""Detection metrics at sample level (``frame``: one image or frame; ``clip`` for methods that
+score clips) and video level (mean of a video's sample scores): AUC, AP, EER, accuracy.
 
 AUC, AP and the ROC come from scikit-learn; EER is read off scikit-learn's ROC curve by linear
 interpolation where the false-positive rate crosses the false-negative rate.
@@ -51,11 +52,12 @@ def video_level(labels, scores, vids):
     return vl, vs, uniq
 
 
-def detection_metrics(labels, scores, vids=None, threshold: float = 0.5) -> dict:
-    """``{"frame": {...}, "video": {...}}``; without ``vids`` each sample is its own video."""
-    out = {"frame": binary_metrics(labels, scores, threshold)}
+def detection_metrics(labels, scores, vids=None, threshold: float = 0.5, level: str = "frame") -> dict:
+    """``{level: {...}, "video": {...}}`` where ``level`` names what one score is for (``frame``
+    or ``clip``); without ``vids`` each sample is its own video."""
+    out = {level: binary_metrics(labels, scores, threshold)}
     if vids is None:
-        out["video"] = dict(out["frame"])
+        out["video"] = dict(out[level])
     else:
         vl, vs, _ = video_level(labels, scores, vids)
         out["video"] = binary_metrics(vl, vs, threshold)

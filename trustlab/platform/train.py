@@ -566,8 +566,8 @@ def detection_validation(method, model, cfg, batches, ctx: WorkerContext) -> dic
     y, s, v = score_batches(method, model, batches, cfg, ctx.device)
     parts = ctx.gather((y, s, v))
     y, s, v = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    m = detection_metrics(y, s, v, float(cfg["trainer"].get("threshold", 0.5)))
-    out = {f"val_{k}": m["frame"][k] for k in ("auc", "ap", "eer", "acc")}
+    m = detection_metrics(y, s, v, float(cfg["trainer"].get("threshold", 0.5)))  # sample level ("frame")
+    out = {f"val_{k}": m["frame"][k] for k in ("auc", "ap", "eer", "acc")}  # val_auc: per scored sample
     out["val_video_auc"] = m["video"]["auc"]
     key = cfg["trainer"].get("select_metric", "val_auc")
     out["val_score"] = out[key] if not math.isnan(out[key]) else out["val_acc"]

@@ -574,11 +574,11 @@ def score(method, model, split: dict, cfg: dict, bs: int = 64) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- after_train report
 def _short(m: dict) -> dict:
-    return {lvl: {k: m[lvl][k] for k in ("auc", "ap", "eer", "acc", "n")} for lvl in ("frame", "video")}
+    return {lvl: {k: m[lvl][k] for k in ("auc", "ap", "eer", "acc", "n")} for lvl in ("clip", "video")}
 
 
 def evaluate_protocol(method, model, data: dict, cfg: dict) -> dict:
-    """``{"test": in-domain metrics, "cross_domain": {target: metrics}}`` (frame and video level)."""
+    """``{"test": in-domain metrics, "cross_domain": {target: metrics}}`` (clip and video level)."""
     from trustlab.platform.evaluate import evaluate_split
 
     out = {"cross_domain": {}}
@@ -671,7 +671,7 @@ def video_report(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
 
 def summary_lines(out: dict, full: dict) -> list[str]:
     def fmt(m):
-        return f"frame AUC {m['frame']['auc']:.4f}  video AUC {m['video']['auc']:.4f}"
+        return f"clip AUC {m['clip']['auc']:.4f}  video AUC {m['video']['auc']:.4f}"
 
     p = out["protocol"]
     lines = [f"protocol: train on {p['source']}, cross-domain test on {', '.join(p['targets']) or '-'} ({p['backend']} data)"]

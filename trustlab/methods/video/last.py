@@ -9,8 +9,8 @@ unlabelled at training time; its labels are used only for evaluation.
 
 Our choices (config; nothing else is known):
 
-- backbone: a small timm CNN (``method.cnn``, random init) cut at a stride-8 stage gives a
-  grid of latent tokens per frame (``method.dim`` wide); with spatial position and frame
+- backbone: a small timm CNN (``method.cnn``, random init) cut at its ``method.cnn_stage``
+  features stage (3 = stride 16 in the YAML: a 2x2 grid at 32 px) gives a grid of latent tokens per frame (``method.dim`` wide); with spatial position and frame
   embeddings they go through ``method.depth`` timm ViT blocks;
 - stage ``pretrain_ssl`` (real clips only): *latent reconstruction* — a fraction
   ``recon.mask_ratio`` of the tokens is replaced by a mask token and a decoder MLP regresses the
@@ -273,6 +273,7 @@ def domain_of(cfg: dict, name) -> int:
 @register_method("last")
 class LAST:
     modality = "video"
+    sample_level = "clip"  # one score per clip of frames: metrics.json reports "clip" and "video" levels
 
     def stages(self, cfg: dict) -> list[str]:
         return ["pretrain_ssl", "adapt"]

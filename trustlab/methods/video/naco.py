@@ -153,6 +153,7 @@ def ssl_losses(model: NACONet, x: torch.Tensor, cfg: dict) -> dict:
 @register_method("naco")
 class NACO:
     modality = "video"
+    sample_level = "clip"  # one score per clip of frames: metrics.json reports "clip" and "video" levels
 
     def stages(self, cfg: dict) -> list[str]:
         return ["pretrain_ssl", "finetune_head"]

@@ -86,13 +86,15 @@ def sweep(method, model, split, cfg: dict, out_dir: str, levels: dict | None = N
           prefix: str = "robustness", seed: int = 0, title: str = "") -> dict:
     """Score ``split`` clean and under every (kind, level); write ``<prefix>.csv`` and
     ``<prefix>.png`` into ``out_dir``; return ``{"clean": metrics, "rows": [...], "csv", "png"}``
-    where each row is ``{kind, level, frame_auc, frame_ap, frame_eer, frame_acc, video_auc, ...}``."""
+    where each row is ``{kind, level, clip_auc, clip_ap, clip_eer, clip_acc, video_auc, ...}`` (the
+    sample level is the method's: ``clip`` for the video methods, ``frame`` for per-frame scores)."""
     import pandas as pd
 
     from trustlab.platform.evaluate import evaluate_split
 
     levels = levels or DEFAULT_LEVELS
     clean, _ = evaluate_split(method, model, split, cfg)
+    lvls = (next(k for k in clean if k != "video"), "video")  # the sample level, then video
     from trustlab.platform.progress import progress
 
     rows = []
@@ -100,7 +102,7 @@ def sweep(method, model, split, cfg: dict, out_dir: str, levels: dict | None = N
     for kind, level in progress(settings, "robustness sweep", unit="setting"):
         m, _ = evaluate_split(method, model, perturb_split(split, kind, level, seed), cfg)
         row = {"kind": kind, "level": level}
-        for lvl in ("frame", "video"):
+        for lvl in lvls:
             for k in ("auc", "ap", "eer", "acc"):
                 row[f"{lvl}_{k}"] = m[lvl][k]
         rows.append(row)
@@ -108,7 +110,7 @@ def sweep(method, model, split, cfg: dict, out_dir: str, levels: dict | None = N
     csv = os.path.join(out_dir, f"{prefix}.csv")
     df = pd.DataFrame(rows)
     clean_row = {"kind": "clean", "level": 0}
-    for lvl in ("frame", "video"):
+    for lvl in lvls:
         for k in ("auc", "ap", "eer", "acc"):
             clean_row[f"{lvl}_{k}"] = clean[lvl][k]
     pd.concat([pd.DataFrame([clean_row]), df], ignore_index=True).to_csv(csv, index=False, float_format="%.4f")
@@ -117,7 +119,7 @@ def sweep(method, model, split, cfg: dict, out_dir: str, levels: dict | None = N
 
 
 def plot_sweep(rows: list, clean: dict, path: str, title: str = "") -> str:
-    """One panel per perturbation kind: frame- and video-level AUC against level."""
+    """One panel per perturbation kind: sample- (clip or frame) and video-level AUC against level."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,9 +130,10 @@ def plot_sweep(rows: list, clean: dict, path: str, title: str = "") -> str:
     for ax, kind in zip(axes[0], kinds):
         rs = [r for r in rows if r["kind"] == kind]
         xs = [r["level"] for r in rs]
-        for lvl, style in (("frame", "o-"), ("video", "s-")):
+        sample = next(k for k in clean if k != "video")
+        for lvl, style in ((sample, "o-"), ("video", "s-")):
             ax.plot(xs, [r[f"{lvl}_auc"] for r in rs], style, label=f"{lvl} AUC")
-            ax.axhline(clean[lvl]["auc"], ls="--", lw=0.8, color="C0" if lvl == "frame" else "C1")
+            ax.axhline(clean[lvl]["auc"], ls="--", lw=0.8, color="C0" if lvl == sample else "C1")
         if kind == "jpeg":
             ax.invert_xaxis()  # lower quality = stronger perturbation, to the right
         ax.set_xlabel({"jpeg": "JPEG quality", "blur": "blur sigma (px)", "noise": "noise sigma",

@@ -115,6 +115,7 @@ def bare_backbone(cfg: dict) -> nn.Module:
 @register_method("stdt")
 class STDT:
     modality = "video"
+    sample_level = "clip"  # one score per clip of frames: metrics.json reports "clip" and "video" levels
 
     def build_data(self, cfg: dict) -> dict:
         return V.build_video_data(cfg)
