@@ -244,3 +244,61 @@ def test_served_clips_use_the_source_statistics_or_the_configured_domain():
     # with domain_stats off every clip is standardised as the source
     off = cfg_of("method.adapt.domain_stats=false")
     assert torch.equal(method.predict(net, {"x": x, "domain": torch.tensor([2])}, off), s0)
+
+
+def _two_rank_stats(rank: int, port: int, rows, q) -> None:
+    """One of two gloo ranks: its own shard's rows into a DomainStandardize, then the epoch-end
+    reduction the generic loop runs; puts the resulting (mean, std) on ``q``."""
+    import torch.distributed as dist
+
+    from trustlab.platform.train import sum_buffers_across, summed_buffers
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ds = DomainStandardize(3, 2)
+    snap = {n: b.clone() for n, b in summed_buffers(ds)}
+    f, d = rows
+    ds.update(f[rank::2], d[rank::2])  # this rank's shard only
+    sum_buffers_across(summed_buffers(ds), snap, 2)
+    q.put((rank, *[t.numpy() for t in ds.stats()]))
+    dist.destroy_process_group()
+
+
+def test_per_domain_statistics_are_reduced_across_workers():
+    """Each Ray Train worker sees its shard of the source and target clips; rank 0's checkpoint
+    must hold the statistics of every worker's rows, not of its own shard only. Two gloo ranks
+    (no Ray) each update a DomainStandardize with half the rows; after the loop's reduction both
+    hold the statistics of all rows."""
+    import multiprocessing as mp
+    import socket
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(40, 3, generator=g) * torch.tensor([1.0, 2.0, 3.0]) + torch.arange(40).unsqueeze(1) / 10
+    d = torch.arange(40) % 3 % 2  # both domains on both ranks, in unequal numbers
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    ps = [ctx.Process(target=_two_rank_stats, args=(r, port, (f, d), q)) for r in range(2)]
+    for p in ps:
+        p.start()
+    got = dict((r, (m, s)) for r, m, s in (q.get(timeout=60) for _ in ps))
+    for p in ps:
+        p.join(30)
+    whole = DomainStandardize(3, 2)
+    whole.update(f, d)
+    mean, std = whole.stats()
+    shard = DomainStandardize(3, 2)
+    shard.update(f[0::2], d[0::2])
+    assert not np.allclose(shard.stats()[0].numpy(), mean.numpy(), atol=1e-3)  # one shard alone differs
+    for r in (0, 1):
+        np.testing.assert_allclose(got[r][0], mean.numpy(), atol=1e-9)
+        np.testing.assert_allclose(got[r][1], std.numpy(), atol=1e-9)
+
+
+def test_sweep_space_holds_no_adaptation_key_its_source_criterion_cannot_see():
+    """LAST's sweep is scored on the source validation AUC (target labels are never read); that
+    criterion cannot see adaptation, so no ``method.adapt.*`` key is swept (last.yaml says why)."""
+    t = compose(["method=last"])["method"]["tune"]
+    assert t["metric"] == "val_auc"
+    assert not [k for k in t["space"] if k.startswith("method.adapt.")], t["space"]

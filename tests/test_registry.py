@@ -193,3 +193,23 @@ def test_method_meets_the_protocol_by_composition(name):
     assert type(m.impl).__mro__[1:] == (object,), f"{name} inherits {type(m.impl).__mro__[1:-1]}"
     with pytest.raises(AttributeError, match="holds no state"):
         m.anything = 1
+
+
+def test_a_swept_data_key_makes_each_trial_build_its_data():
+    """A key the data is built from (``method.data.clip_len``) would change nothing if the
+    trials shared data built once before them: such a sweep builds each trial's data from the
+    trial's own config; a sweep of model keys only shares the driver's data."""
+    from trustlab.platform.tune import data_keys, trial_data
+
+    space = compose(["method=stdt"])["method"]["tune"]["space"]
+    assert data_keys(space) == ["method.data.clip_len"]
+    assert data_keys({"method.tau": {}, "trainer.lr": {}}) == []
+
+    class Fake:
+        def build_data(self, cfg):
+            return {"clip_len": cfg["method"]["data"]["clip_len"]}
+
+    cfg = {"method": {"data": {"clip_len": 16}}}
+    assert trial_data(Fake(), cfg, None) == {"clip_len": 16}  # the trial's own value
+    shared = {"clip_len": 8}
+    assert trial_data(Fake(), cfg, shared) is shared

@@ -76,6 +76,33 @@ def _allreduce_grads(params, world: int, group=None) -> None:
         g.copy_(r)
 
 
+def summed_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(name, buffer)`` of every running-sum buffer of ``model``: a module lists the names of
+    its buffers that only ever grow by additions of its own rows (sums, counts) in a
+    ``summed_buffers`` attribute; each rank's additions belong to the whole run's total."""
+    out = []
+    for mname, m in ck.unwrap(model).named_modules():
+        for b in getattr(m, "summed_buffers", ()):
+            out.append((f"{mname}.{b}" if mname else b, getattr(m, b)))
+    return out
+
+
+def sum_buffers_across(bufs: list, snap: dict, world: int, group=None) -> dict:
+    """Add every rank's additions since ``snap`` (the values all ranks shared) into each buffer
+    (one flat all-reduce of the differences); returns the new shared values (the next snapshot)."""
+    if world > 1 and bufs:
+        import torch.distributed as dist
+
+        delta = torch.cat([(b - snap[n]).reshape(-1).double() for n, b in bufs])
+        dist.all_reduce(delta, group=group)
+        i = 0
+        for n, b in bufs:
+            k = b.numel()
+            b.copy_((snap[n].double().reshape(-1) + delta[i : i + k]).view_as(b).to(b.dtype))
+            i += k
+    return {n: b.detach().clone() for n, b in bufs}
+
+
 class GradSync:
     """Gradient averaging over ``world`` ranks that overlaps the backward pass, as DDP's buckets
     do, without wrapping the model (a method's ``loss_step`` may call any sub-module).
@@ -519,6 +546,17 @@ class WorkerContext:
         self.scaler.step(optimizer)
         self.scaler.update()
 
+    def snapshot_buffers(self, model: torch.nn.Module) -> None:
+        """Remember the running-sum buffers (``summed_buffers``) every rank starts the epoch with."""
+        self._buffer_snap = {n: b.detach().clone() for n, b in summed_buffers(model)}
+
+    def sum_buffers(self, model: torch.nn.Module) -> None:
+        """Reduce the running-sum buffers over ranks (each rank saw only its shard), so the
+        validation and rank 0's checkpoint hold the statistics of every rank's rows."""
+        bufs = summed_buffers(model)
+        if bufs:
+            self._buffer_snap = sum_buffers_across(bufs, self._buffer_snap, self.world)
+
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Make every rank's ``module`` equal to rank 0's."""
         state = self.gather({k: v.detach().cpu() for k, v in module.state_dict().items()} if self.rank == 0 else None)[0]
@@ -613,6 +651,7 @@ def run_epochs(ctx: WorkerContext) -> torch.nn.Module:
     for epoch in range(start_epoch, ctx.epochs):
         model.train()
         t0 = time.time()
+        ctx.snapshot_buffers(model)  # running sums as every rank holds them before this epoch
         sums = LossSums()
         for batch in ctx.batches(epoch):
             with ctx.autocast():
@@ -625,6 +664,7 @@ def run_epochs(ctx: WorkerContext) -> torch.nn.Module:
             if log_every and sums.steps % log_every == 0:
                 ctx.log(f"epoch {epoch + 1}/{ctx.epochs} step {sums.steps} loss {sums.means()['loss']:.4f}")
         steps = sums.steps
+        ctx.sum_buffers(model)  # every rank's additions to running sums (e.g. per-domain statistics)
         metrics = {f"train_{k}": v for k, v in sums.means().items()}  # waits for the epoch's last step
         train_time = time.time() - t0
         if ctx.validate:

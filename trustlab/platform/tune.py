@@ -95,8 +95,21 @@ def build_space(space: dict, search: str, grid_points: int = 3) -> dict:
     return out
 
 
+def data_keys(space: dict) -> list[str]:
+    """The swept keys the data is built from (``method.data.*``, ``data.*``): a trial that samples
+    one of them must build its own data, or the swept value would change nothing."""
+    return [k for k in space if k.startswith(("method.data.", "data."))]
+
+
+def trial_data(method, cfg: dict, shared):
+    """The splits a trial trains on: the sweep's ``shared`` splits (built once on the driver), or,
+    when the space sweeps a data key (``shared`` is None), the trial's own, built from its config."""
+    return method.build_data(cfg) if shared is None else shared
+
+
 def _trial(config: dict, base_cfg: dict, data, sweep_dir: str) -> None:
-    """One trial: the sampled values applied to the base config, every stage through Ray Train."""
+    """One trial: the sampled values applied to the base config, every stage through Ray Train.
+    ``data`` is None when the space sweeps a data key: the trial then builds its own."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -106,6 +119,7 @@ def _trial(config: dict, base_cfg: dict, data, sweep_dir: str) -> None:
     cfg = apply_dotted(base_cfg, config)
     method = get_method(cfg["method"]["name"])
     trial = tune.get_context().get_trial_id()
+    data = trial_data(method, cfg, data)
     stages = method.stages(cfg)
     init_from = cfg["method"].get("init_from")
     result, best = None, None
@@ -196,10 +210,13 @@ def sweep(cfg: dict) -> dict:
     size = sizing(cfg, resources)
     cfg["trainer"]["cpus_per_worker"] = size["cpus_per_worker"]
     method = get_method(cfg["method"]["name"])
-    data = method.build_data(cfg)
+    rebuild = data_keys(space_spec)
+    # built once and shared, unless a swept key changes the data: then each trial builds its own
+    data = None if rebuild else method.build_data(cfg)
     print(f"[trustlab] sweep {name}: {tc['num_samples']} trials ({tc['search']} + {tc['scheduler']}), "
           f"{size['max_concurrent_trials']} at a time, {size['cpus_per_worker']} CPU per worker; "
-          f"space: {', '.join(space_spec)}", flush=True)
+          f"space: {', '.join(space_spec)}"
+          + (f"; each trial builds its own data (swept: {', '.join(rebuild)})" if rebuild else ""), flush=True)
 
     search = tc["search"]
     if search == "optuna":

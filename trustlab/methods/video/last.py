@@ -140,6 +140,9 @@ class DomainStandardize(nn.Module):
     standard deviation. A domain with fewer than two rows seen uses the source's (domain 0)
     statistics; with none at all the map is the identity. Indices outside [0, domains) mean 0."""
 
+    # pure sums of the rows each worker saw: the platform adds every worker's share (train.py)
+    summed_buffers = ("total", "total_sq", "count")
+
     def __init__(self, dim: int, domains: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
