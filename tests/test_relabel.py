@@ -127,7 +127,18 @@ def test_adaptive_radius_reaches_the_decision_boundary(cfg, trained):
     assert torch.equal(model.probs(xs).argmax(1) == adaptive["c"][0], adaptive["kept"][0].bool())
 
 
-def test_relabel_explanations_beat_random_on_deletion(cfg, trained):
+def _deletion(model, x, c, maps, base) -> dict:
+    return {k: float(A.deletion_insertion(model.probs, x, c, a, base)["deletion_auc"].mean()) for k, a in maps.items()}
+
+
+def test_relabel_explanations_beat_random_and_a_constant_weight_student_on_deletion(cfg, trained):
+    """The student's weights must carry the explanation: its contribution map ``w * x`` is
+    compared with a constant-weight student (``w = 1``: the explanation is the image itself,
+    which alone ranks bright digit strokes first and deletes well on digits) and with random.
+    Measured on these 30 test digits: deletion AUC re-label 0.125, constant weight 0.216,
+    random 0.536. Asserted: re-label <= 0.75x the constant-weight student's deletion AUC, <= 0.5x
+    random's. With the student's weights replaced by a constant (``distil`` returning ``x``
+    as the contribution) the first assertion fails (ratio 1.0)."""
     model, data = trained
     x = torch.from_numpy(data["test"]["x"][:30])
     rc = cfg["method"]["relabel"]
@@ -135,7 +146,10 @@ def test_relabel_explanations_beat_random_on_deletion(cfg, trained):
     base = A.baseline_image(x, "zero")
     rl = A.deletion_insertion(model.probs, x, ex["c"], ex["contribution"], base)
     rnd = A.deletion_insertion(model.probs, x, ex["c"], A.random_attribution(len(x), 8, 8, seed=0), base)
+    const = A.deletion_insertion(model.probs, x, ex["c"], (x - base).sum(1), base)  # w = 1 everywhere
     d_rl, d_rnd = rl["deletion_auc"], rnd["deletion_auc"]
+    assert float(d_rl.mean()) <= 0.75 * float(const["deletion_auc"].mean()), \
+        (float(d_rl.mean()), float(const["deletion_auc"].mean()))
     assert float(d_rl.mean()) < 0.5 * float(d_rnd.mean()), (float(d_rl.mean()), float(d_rnd.mean()))
     assert float((d_rl < d_rnd).float().mean()) >= 0.85
     assert float(rl["insertion_auc"].mean()) > float(rnd["insertion_auc"].mean()) + 0.15
@@ -147,6 +161,24 @@ def test_relabel_explanations_beat_random_on_deletion(cfg, trained):
     # and it is the student's weights that carry this: a sign-flipped explanation deletes worst
     flip = A.deletion_insertion(model.probs, x, ex["c"], -ex["contribution"], base)
     assert float(flip["deletion_auc"].mean()) > float(d_rnd.mean())
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (issue 17): on digits, latent-space re-label distillation "
+                   "(deletion AUC 0.125) loses to gradient x input (0.045), LIME (0.051) and occlusion (0.076); "
+                   "strict, so the day it beats them this test reports it")
+def test_relabel_beats_every_baseline_it_computes_on_deletion(cfg, trained):
+    """Issue 17 asks the method to beat every attribution baseline it reports on deletion AUC.
+    Measured on 30 test digits (the evaluation's ``attribution_maps``): re-label 0.125,
+    gradient saliency 0.281, gradient x input 0.045, occlusion 0.076, LIME 0.051, random 0.536.
+    The same student fitted on pixel-space neighbours (``perturb=pixel``, the ablation) reaches
+    0.055; no latent-space setting tried (radius 0.5-3, 400-1600 samples, hard/soft labels, l2
+    1e-5..0.1, decoded anchor, 32/64-d latent) went below 0.105."""
+    model, data = trained
+    x = torch.from_numpy(data["test"]["x"][:30])
+    res = R.attribution_maps(model, x, cfg["method"]["relabel"], cfg["method"]["eval"], seed=0)
+    d = _deletion(model, x, res["c"], res["maps"], A.baseline_image(x, "zero"))
+    worse = {k: v for k, v in d.items() if k != "relabel" and v <= d["relabel"]}
+    assert not worse, (d["relabel"], worse)
 
 
 def test_deletion_insertion_and_baselines_on_a_known_linear_model():
