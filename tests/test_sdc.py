@@ -73,14 +73,24 @@ def test_static_memory_is_retained(trained):
     assert not torch.allclose(model.projectors[1](f), model.projectors[3](f))
 
 
-def test_sdc_beats_finetuning_on_digits_in_process(trained):
-    """The Done-when claim, without Ray: SDC's last-session accuracy on digits (4 base + 3 x
-    2-way 5-shot) is >= 10 points above fine-tuning from the same base model."""
+def test_sdc_beats_the_prototype_baseline_and_its_static_only_ablation_in_process(trained):
+    """Without Ray, on digits (4 base + 3 x 2-way 5-shot; the same base model): SDC against
+    the frozen-encoder prototype (NCM) baseline, fine-tuning, and the dynamic projector off
+    (``projector.mix=0``: static prototypes only). Measured last-session accuracy (%): SDC 74.8,
+    prototype 67.0, static only 66.0, fine-tune 14.6 (issue 17). Asserted: SDC >= prototype + 5,
+    >= static only + 5, >= fine-tune + 10. With the projector off the test fails (66.0 < 72.0)."""
     m, cfg, data, model, _, secs = trained
     p = protocol_of(cfg)
     acc = engine.session_accuracies(lambda x, s: m.session_logits(model, x, s), data["test"], p)
     ft = engine.finetune_baseline(m.base_encoder(model), m.base_classifier(model), data, p, 100, 1e-3, 1)
-    assert acc[0] == ft[0] > 90.0
+    proto = engine.prototype_baseline(m.base_encoder(model), data, p)
+    torch.manual_seed(0)
+    cfg0 = compose(["method=sdc", "method.base.epochs=15", "method.projector.mix=0"])
+    static = engine.fit_inprocess(cfg0, data)
+    acc0 = engine.session_accuracies(lambda x, s: m.session_logits(static, x, s), data["test"], p)
+    print(f"sdc {np.round(acc, 2)} prototype {np.round(proto, 2)} static only {np.round(acc0, 2)} "
+          f"finetune {np.round(ft, 2)}; trained in {secs:.1f}s")
+    assert acc[0] == ft[0] == proto[0] > 90.0
+    assert acc[-1] >= proto[-1] + 5.0, (acc, proto)
+    assert acc[-1] >= acc0[-1] + 5.0, (acc, acc0)
     assert acc[-1] >= ft[-1] + 10.0, (acc, ft)
-    assert acc[-1] > 45.0
-    print(f"sdc {np.round(acc, 2)} finetune {np.round(ft, 2)}; trained in {secs:.1f}s")
