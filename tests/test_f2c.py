@@ -50,25 +50,51 @@ def test_decoder_leaves_high_frequency_trace():
     assert spec[16, 16] + spec[0, 16] + spec[16, 0] > 10 * (spec.sum() - spec[16, 16] - spec[0, 16] - spec[16, 0]) / spec.size
 
 
-def test_f2c_learns_generated_vs_real_in_process(tmp_path):
-    cfg = compose(["method=f2c", "method.data.n_train=256", "method.data.n_val=64", "method.data.n_test=128",
-                   "method.data.size=32", f"method.data.root={tmp_path}"])
+def _train_f2c(data, cfg, epochs: int) -> list[float]:
+    from trustlab.platform.evaluate import evaluate_arrays
+
     m = get_method("f2c")
-    data = m.build_data(cfg)
-    assert data["train"]["x"].dtype == np.uint8 and data["train"]["x"].shape[1:] == (3, 32, 32)
-    assert set(np.unique(data["train"]["y"])) == {0, 1}
     torch.manual_seed(0)
     model = m.build_model(cfg, "train")
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    tr = data["train"]
-    for epoch in range(3):
+    tr, aucs = data["train"], []
+    for epoch in range(epochs):
         model.train()
         perm = np.random.default_rng(epoch).permutation(len(tr["y"]))
         for s in range(0, len(perm), 32):
             b = m.to_batch({k: v[perm[s:s + 32]] for k, v in tr.items()})
             loss = m.loss_step(model, b, "train", cfg)["loss"]
             opt.zero_grad(); loss.backward(); opt.step()
-    from trustlab.platform.evaluate import evaluate_arrays
+        aucs.append(evaluate_arrays(m, model, data["test"], cfg)[0]["frame"]["auc"])
+    return aucs
 
-    metrics, _ = evaluate_arrays(m, model, data["test"], cfg)
-    assert metrics["frame"]["auc"] >= 0.9, metrics
+
+def test_f2c_filter_catches_the_planted_band_trace_the_raw_image_misses(tmp_path, one_thread):
+    """The default set's planted signal (a narrow-band trace of 8 grey levels on the fakes, then
+    resize and JPEG 80-95 on both classes; f2c.yaml), at 32 px: the same CNN, seed and budget
+    (1024 images, 6 epochs) with the frequency-selective filter and without it (``filter=none``).
+    Measured test AUC per epoch: f2c 0.704 0.836 0.840 0.860 0.878 0.874; none 0.545 0.476
+    0.492 0.477 0.471 0.509 (~27 s each on one thread). Asserted: f2c's last AUC >= 0.8 and
+    >= none's + 0.2. With ``filter=none`` in both runs the gap assertion fails."""
+    base = ["method=f2c", "method.data.n_train=1024", "method.data.n_val=64", "method.data.n_test=256",
+            "method.data.size=32", f"method.data.root={tmp_path}"]
+    m = get_method("f2c")
+    cfg = compose(base)
+    assert cfg["method"]["data"]["artifact"] == "band"  # the default set is the planted-trace one
+    data = m.build_data(cfg)
+    assert data["train"]["x"].dtype == np.uint8 and data["train"]["x"].shape[1:] == (3, 32, 32)
+    assert set(np.unique(data["train"]["y"])) == {0, 1}
+    full = _train_f2c(data, cfg, 6)
+    raw = _train_f2c(data, compose(base + ["method.filter=none"]), 6)
+    print(f"test AUC per epoch: f2c {np.round(full, 3)}; none {np.round(raw, 3)}")
+    assert full[-1] >= 0.8, full
+    assert full[-1] >= raw[-1] + 0.2, (full, raw)
+
+
+def test_decoder_set_is_learnt_by_either_model(tmp_path):
+    """The decoder set (``artifact=decoder``, the platform tests' set) is easy: F2C learns it
+    in-process to AUC >= 0.9 in 3 epochs (issue 17: filter=none does too, 0.982)."""
+    cfg = compose(["method=f2c", "method.data.artifact=decoder", "method.data.n_train=256", "method.data.n_val=64",
+                   "method.data.n_test=128", "method.data.size=32", f"method.data.root={tmp_path}"])
+    data = get_method("f2c").build_data(cfg)
+    assert _train_f2c(data, cfg, 3)[-1] >= 0.9

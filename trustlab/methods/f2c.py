@@ -15,6 +15,12 @@ the axis Nyquist, sqrt(2) in the corners; the default), ``corner`` by the corner
 spectrum goes back to an image-shaped tensor (real part of the inverse FFT), is standardised
 per image, and feeds a timm CNN (``resnet10t`` by default; any timm name works).
 Ablation: ``method.filter=none`` feeds the raw image to the same CNN.
+
+Default data: generated real/fake patches whose fakes carry a narrow-band, low-amplitude
+periodic trace (``genimage_synth.band_artifact``), with both classes resized and JPEG-compressed.
+The trace is tiny next to the image content, which lives in the low bands: the filter removes
+those bands and re-weights the rest, so the trace dominates what the CNN sees; the raw-image
+ablation has to learn that band-pass itself and, on the same budget, does not (test_f2c.py).
 """
 from __future__ import annotations
 
@@ -102,7 +108,8 @@ class F2C:
             return image_datasets(cfg["data"], int(d["size"]), seed=int(cfg["seed"]),
                                   endpoint=cfg["run"].get("s3_endpoint"))[0]
         man = build_manifest(d["root"], int(cfg["seed"]), int(d["size"]), int(d["n_train"]),
-                             int(d["n_val"]), int(d["n_test"]), float(d["artifact_strength"]))
+                             int(d["n_val"]), int(d["n_test"]), float(d["artifact_strength"]),
+                             d.get("artifact", "decoder"), d.get("band"))
         return load_image_manifest(man)
 
     def build_model(self, cfg: dict, stage: str) -> nn.Module:
