@@ -145,16 +145,24 @@ def test_serve_inputs_take_a_caption_or_run_the_captioner(tmp_path):
     assert s.shape == (1,) and 0 <= float(s) <= 1
 
 
+HEADS = (("hierarchical", "global+image+patch"), ("global_only", "global"))  # the ablation: global similarity alone
+
+
 def test_clip_pretraining_makes_local_mismatches_visible(tmp_path, one_thread):
     """Mechanism: before pretraining, no feature separates real pairs from pairs whose image
     contradicts one object of the caption; after a short in-process pretraining on real pairs
-    only, the per-object (best patch) similarity does, on held-out pairs."""
+    only, the per-object (best patch) similarity does, on held-out pairs. Headline: on that
+    frozen CLIP, an MLP head on the hierarchical features (global + per-phrase image and patch)
+    beats one on the global similarity alone (the global-only ablation), which barely sees a
+    one-object contradiction. Measured: min best-patch similarity AUC 0.526 before, 0.823 after;
+    heads' test AUC hierarchical 0.840, global only 0.686. Asserted: a 0.1 gap. With the
+    hierarchical head given the global feature only (``HEADS``), the gap is 0 and the test fails."""
     from trustlab.methods.item.item import Item, clip_pretrain_loss, feature_names
     from trustlab.platform.evaluate import iter_array_batches
     from trustlab.platform.metrics import binary_metrics
 
     torch.manual_seed(0)
-    cfg = tiny_cfg(tmp_path, "method.data.n_train=1200", "method.data.n_val=8", "method.data.n_test=300",
+    cfg = tiny_cfg(tmp_path, "method.data.n_train=1200", "method.data.n_val=100", "method.data.n_test=300",
                    "method.data.n_objects=[2,3]", "method.data.radius=[0.13,0.17]")
     m = Item()
     data = m.build_data(cfg)
@@ -187,3 +195,20 @@ def test_clip_pretraining_makes_local_mismatches_visible(tmp_path, one_thread):
     print(f"min best-patch phrase similarity, test AUC: before {before:.3f}, after {after:.3f}")
     assert abs(before - 0.5) < 0.12, before
     assert after >= 0.75, (before, after)
+
+    # the headline: on the same frozen CLIP, a head on the hierarchical features beats a head on
+    # the global similarity alone, which cannot see a one-object mismatch (ITEM's after_train heads)
+    from trustlab.methods.item.item import LEVELS, _level_columns, fit_feature_head, parse_levels
+
+    net.eval()
+    with torch.no_grad():
+        feats = {k: torch.cat([net.features(m.to_batch(b), list(LEVELS)) for b in iter_array_batches(data[k], 200)]).numpy()
+                 for k in ("train", "val", "test")}
+    auc = {}
+    for name, levels in HEADS:
+        cols = _level_columns(parse_levels(levels))
+        s, _ = fit_feature_head(feats["train"][:, cols], data["train"]["y"], feats["val"][:, cols], data["val"]["y"],
+                                feats["test"][:, cols], cfg)
+        auc[name] = binary_metrics(data["test"]["y"], s)["auc"]
+    print(f"test AUC of heads on frozen features: {auc}")
+    assert auc["hierarchical"] >= auc["global_only"] + 0.1, auc
