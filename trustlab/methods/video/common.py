@@ -129,7 +129,7 @@ def render_video(rng: np.random.Generator, n_frames: int, size: int, manipulatio
 
 
 def synth_clip_arrays(seed: int, n_videos: dict, manipulations, n_frames: int, clip_len: int,
-                      size: int, strength: float = 1.0, vid_offset: int = 0) -> dict:
+                      size: int, strength: float = 1.0, vid_offset: int = 0, shift: dict | None = None) -> dict:
     """In-memory clip set ``{split: {x: N x T x 3 x S x S uint8, y, vid, clip, manipulation}}``.
 
     ``n_videos`` maps split -> videos per class (half real, half fake; the fakes cycle through
@@ -145,6 +145,10 @@ def synth_clip_arrays(seed: int, n_videos: dict, manipulations, n_frames: int, c
             label = i % 2
             man = "none" if label == 0 else manipulations[(i // 2) % len(manipulations)]
             v = render_video(rng, n_frames, size, man, strength)
+            if shift:  # the set's capture shift (synth_video.camera_shift), both classes alike
+                from trustlab.methods.video.synth_video import camera_shift
+
+                v = camera_shift(v, shift)
             for c in range(n_frames // clip_len):
                 xs.append(v[c * clip_len : (c + 1) * clip_len].transpose(0, 3, 1, 2))
                 ys.append(label)
@@ -262,7 +266,7 @@ def stream_config(cfg: dict, name: str, vid_offset: int = 0) -> dict:
     external = name == external_source(cfg) and name not in d["sets"]
     out = {} if external else {"root": d["root"], "cache": d.get("cache")}
     out.update(d.get("stream") or {})
-    out.update({k: v for k, v in spec.items() if k not in ("manipulations", "seed_offset", "strength", "synth")})
+    out.update({k: v for k, v in spec.items() if k not in ("manipulations", "seed_offset", "strength", "synth", "shift")})
     out.update(frames_per_video=int(d["frames_per_video"]), clip_len=int(d["clip_len"]), size=int(d["size"]),
                vid_offset=int(vid_offset))
     out.setdefault("name", "synth_video")
@@ -273,6 +277,8 @@ def stream_config(cfg: dict, name: str, vid_offset: int = 0) -> dict:
                      strength=float(spec.get("strength", d.get("strength", 1.0))))
         if spec.get("manipulations"):
             synth["manipulations"] = list(spec["manipulations"])
+        if spec.get("shift"):
+            synth["shift"] = dict(spec["shift"])
         out["synth"] = synth
     return out
 
@@ -286,7 +292,8 @@ def _memory_set(cfg: dict, name: str, splits, vid_offset: int) -> dict:
                           d.get("split_fractions", (0.6, 0.2, 0.2)))
     return synth_clip_arrays(_set_seed(cfg, name), {s: counts[s] for s in splits}, list(spec["manipulations"]),
                              int(d["frames_per_video"]), int(d["clip_len"]), int(d["size"]),
-                             float(spec.get("strength", d.get("strength", 1.0))), vid_offset=vid_offset)
+                             float(spec.get("strength", d.get("strength", 1.0))), vid_offset=vid_offset,
+                             shift=spec.get("shift"))
 
 
 # The data plane's bad-file reports of the current run's sets (their actors, and any local S3

@@ -237,11 +237,15 @@ def adapt_losses(model: LASTNet, batch: dict, cfg: dict, step: int) -> dict:
     if pseudo_on:
         views.append(strong_augment(x[tgt]) if model.training else x[tgt])
         doms.append(dom[tgt])
+    if not sum(len(v) for v in views):  # only unlabelled clips that nothing uses here (source-only head)
+        return {"loss": sum(p.sum() for p in model.head.parameters()) * 0.0}
     update = torch.zeros(sum(len(v) for v in views), dtype=torch.bool, device=x.device)
     update[: ns + nt] = True  # the clean views only
     logits = model(torch.cat(views), torch.cat(doms), update)
     out = {}
-    loss = logits.new_zeros(())
+    # zero that keeps the graph: a shuffled batch may hold only unlabelled target clips (their
+    # statistics still update), and the step must still be able to call backward
+    loss = logits.sum() * 0.0
     if ns:
         ls = logits[:ns]
         out["source"] = F.binary_cross_entropy_with_logits(ls, y[src].float())

@@ -232,6 +232,20 @@ def render_video(rng: np.random.Generator, target: np.ndarray, donor: np.ndarray
     return frames
 
 
+def camera_shift(frames: np.ndarray, shift: dict | None) -> np.ndarray:
+    """A set-wide capture shift on uint8 frames (..., 3), the same for real and fake videos: per
+    channel ``gain`` (3 values), ``contrast`` about mid-grey and an additive ``offset`` (0..255).
+    A domain whose every clip is shifted this way moves the features of both classes together:
+    what per-domain statistics (LAST's adaptation) can undo and a source-fitted head cannot."""
+    if not shift:
+        return frames
+    g = np.asarray(shift.get("gain", (1.0, 1.0, 1.0)), np.float32)
+    c = float(shift.get("contrast", 1.0))
+    o = float(shift.get("offset", 0.0))
+    out = (frames.astype(np.float32) * g - 128.0) * c + 128.0 + o
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def write_mp4(frames: np.ndarray, path: str, fps: int = 25, crf: int = 20) -> None:
     """Encode RGB uint8 frames as H.264 (yuv420p) in an mp4 file, single-threaded and reproducibly."""
     import av
@@ -262,7 +276,7 @@ def params_key(p: dict) -> str:
 def build_synth_video_manifest(root: str, seed: int = 0, n_videos_per_class: int = 24,
                                manipulations=MANIPULATIONS, n_frames: int = 40, size: int = 96,
                                split_fractions=(0.6, 0.2, 0.2), strength: float = 1.0, fps: int = 25,
-                               crf: int = 20) -> str:
+                               crf: int = 20, shift: dict | None = None) -> str:
     """Write the set once per parameter set and return the path of its ``manifest.csv``.
 
     ``n_videos_per_class`` real and as many fake videos in all, split by ``split_fractions``
@@ -279,6 +293,8 @@ def build_synth_video_manifest(root: str, seed: int = 0, n_videos_per_class: int
     fr = [float(x) for x in split_fractions]
     params = dict(seed=int(seed), n=int(n_videos_per_class), manipulations=manipulations, n_frames=int(n_frames),
                   size=size, split_fractions=fr, strength=float(strength), fps=int(fps), crf=int(crf), version=2)
+    if shift:  # only then, so the sets without a shift keep their cache names
+        params["shift"] = dict(shift)
     # absolute: a relative root (the default, outputs/.data/video) written into the manifest was
     # resolved again against the manifest's folder and every file went missing
     d = os.path.abspath(os.path.join(os.path.expanduser(str(root)), f"synth_video-{params_key(params)}"))
@@ -307,8 +323,8 @@ def build_synth_video_manifest(root: str, seed: int = 0, n_videos_per_class: int
                 di = -1
                 if manip in SWAPS:
                     di = int((ti + 1 + rng.integers(len(faces) - 1)) % len(faces)) if len(faces) > 1 else ti
-                frames = render_video(rng, faces[ti][1], faces[di][1] if di >= 0 else None, manip,
-                                      int(n_frames), size, strength)
+                frames = camera_shift(render_video(rng, faces[ti][1], faces[di][1] if di >= 0 else None, manip,
+                                                   int(n_frames), size, strength), shift)
                 vid = f"synth_{idx:05d}"
                 rel = os.path.join("videos", split, f"{vid}.mp4")
                 os.makedirs(os.path.join(tmpd, "videos", split), exist_ok=True)
@@ -333,7 +349,8 @@ def manifest_from_config(cfg: dict, seed: int) -> str:
     s = cfg["synth"]
     return build_synth_video_manifest(cfg["root"], seed=int(seed), n_videos_per_class=int(s["n_videos_per_class"]),
                                       manipulations=list(s["manipulations"]), n_frames=int(s["n_frames"]),
-                                      size=int(s["frame_size"]), strength=float(s.get("strength", 1.0)))
+                                      size=int(s["frame_size"]), strength=float(s.get("strength", 1.0)),
+                                      shift=s.get("shift"))
 
 
 def _register() -> None:
