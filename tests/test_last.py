@@ -335,3 +335,18 @@ def test_pretrain_then_adapt_on_clips_undoes_a_target_capture_shift(tmp_path):
     assert res["adapted"]["test"]["video"]["auc"] >= 0.9, res["adapted"]["test"]
     assert cam["adapted"]["acc"] >= cam["source_only"]["acc"] + 0.15, cam
     assert cam["adapted"]["auc"] >= cam["source_only"]["auc"] + 0.03, cam
+
+
+@pytest.mark.parametrize("per_domain", [True, False])
+def test_a_batch_of_unlabelled_clips_only_still_steps(per_domain):
+    """A shuffled adapt batch may hold no labelled clip: its loss must still backpropagate (a
+    zero loss without a graph made the step fail), and with per-domain statistics its clean
+    target clips still update their domain's statistics."""
+    cfg = cfg_of("method.data.targets=[synth_warp]", f"method.adapt.domain_stats={str(per_domain).lower()}")
+    torch.manual_seed(0)
+    net = LASTNet(cfg, "adapt").train()
+    batch = {"x": torch.rand(4, 4, 3, 32, 32), "y": torch.full((4,), V.UNLABELLED), "domain": torch.ones(4, dtype=torch.long)}
+    out = adapt_losses(net, batch, cfg, step=1)
+    out["loss"].backward()
+    assert float(out["loss"]) == 0.0
+    assert float(net.head[0].count[1]) == (4.0 if per_domain else 0.0)
