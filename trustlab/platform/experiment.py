@@ -109,6 +109,42 @@ def evaluate_and_report(cfg, method, model, data, run_dir, fname="metrics.json",
     return metrics
 
 
+def train_ablations(cfg: dict, method, model, data, name: str, run_dir: str, metrics: dict) -> list[str]:
+    """The method's declared ablation variants (``trustlab.platform.ablation``), each trained
+    through the same Ray Train stages on the same data and scored by the same evaluation (its
+    files under ``<run>/ablation/<variant>/``); adds them to ``metrics.json`` and returns their
+    summary lines."""
+    from trustlab.platform import ablation
+    from trustlab.platform.train import checkpoint_uri, fit_stage, load_model, write_json
+
+    if not ablation.variants(cfg):
+        return []
+    endpoint = cfg["run"].get("s3_endpoint")
+
+    def fit(cfg2, stages, init_state, tag):
+        init = cfg2["method"].get("init_from")
+        if init_state is not None:
+            init = ck.temp_dir()
+            ck.save_state(init, model=init_state, stage="init", epoch=0)
+        for stage in stages:
+            _, best = fit_stage(cfg2, stage, data, f"{name}-abl-{tag}", run_dir, init_from=init)
+            if best is None:
+                raise RuntimeError(f"ablation {tag}: stage {stage} produced no checkpoint")
+            init = checkpoint_uri(best, cfg2)
+        return load_model(cfg2, ck.load_state(init, endpoint))[1]
+
+    def score(cfg2, m2, tag):
+        d = os.path.join(run_dir, "ablation", tag)
+        os.makedirs(d, exist_ok=True)
+        return evaluate_and_report(cfg2, method, m2, data, d)
+
+    new = ablation.run(cfg, method, model, data, run_dir, metrics, fit, score)
+    if new:
+        metrics.setdefault("ablation", {}).update(new)
+        write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    return ablation.summary_lines(metrics, list(new))
+
+
 @tracked("train")
 def train(cfg: dict) -> dict:
     from trustlab.platform.runtime import init_ray
@@ -144,7 +180,8 @@ def train(cfg: dict) -> dict:
                                   extra={"train_history": history, "selected": {"checkpoint": init_from, "epoch": state.get("epoch"),
                                                       "stage": state.get("stage")},
                                          "train_seconds": time.time() - t0})
-    summarize(cfg, run_dir, metrics, [f"best checkpoint: epoch {state.get('epoch')} of stage "
+    abl_lines = train_ablations(cfg, method, model, data, name, run_dir, metrics)
+    summarize(cfg, run_dir, metrics, abl_lines + [f"best checkpoint: epoch {state.get('epoch')} of stage "
                                       f"{state.get('stage')} (best val_score, or latest for non-selecting stages) -> "
                                       f"{run_dir}/checkpoints/best.pt",
                                       f"wall time {time.time() - t0:.0f}s"])

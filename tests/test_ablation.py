@@ -1,0 +1,84 @@
+"""Declared ablations (trustlab.platform.ablation), without Ray: every method that has no report
+of its own ablations declares its variants in its YAML; the runner trains each variant with the
+variant's config through a given fit function, scores it with the main model's evaluation,
+writes it beside the main metrics and says the gap in one summary line."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import ci_overrides, compose
+from trustlab.platform import ablation
+from trustlab.platform.registry import get_method, list_methods
+
+# methods whose own report trains and writes their ablations (after_train / evaluate)
+OWN_REPORT = {"item", "relabel", "deocclusion"}
+
+
+@pytest.mark.parametrize("name", sorted(set(list_methods()) - OWN_REPORT))
+def test_every_method_declares_its_ablation_variants(name):
+    cfg = compose([f"method={name}"])
+    v = ablation.variants(cfg)
+    assert v, f"{name}: no ablation variants declared"
+    for variant, spec in v.items():
+        assert spec.get("what") and spec.get("overrides"), (name, variant)
+        cfg2 = ablation.variant_config(cfg, spec)  # every override is a real config key
+        for key, val in spec["overrides"].items():
+            node = cfg
+            for p in key.split(".")[:-1]:
+                node = node[p]
+            assert key.split(".")[-1] in node, (name, variant, key)
+        assert not ablation.variants(cfg2)  # a variant runs no ablations of its own
+    # CI's small runs skip them (the registry-wide Ray tests train the main model only)
+    assert not ablation.variants(compose([f"method={name}", *ci_overrides(name)]))
+
+
+def test_runner_trains_scores_and_reports_each_variant_once(tmp_path, one_thread):
+    from trustlab.platform.experiment import evaluate_and_report
+    from trustlab.platform.train import WorkerContext, run_epochs
+
+    cfg = compose(["method=f2c", "method.data.artifact=decoder", "method.data.n_train=128", "method.data.n_val=32",
+                   "method.data.n_test=64", "method.data.size=32", "trainer.epochs=1", f"method.data.root={tmp_path}",
+                   "trainer.batch_size=32", "trainer.num_workers=1", "trainer.cpus_per_worker=1"])
+    cfg.setdefault("run", {})["name"] = "abl"
+    method = get_method("f2c")
+    data = method.build_data(cfg)
+    fitted = []
+
+    def fit(cfg2, stages, init_state, tag):
+        fitted.append((tag, cfg2["method"]["filter"], stages))
+        torch.manual_seed(0)
+        model = None
+        for stage in stages:
+            model = run_epochs(WorkerContext.local(cfg2, stage, method.stage_data(cfg2, stage, data), init_from=init_state))
+        return model
+
+    def score(cfg2, model, tag):
+        d = tmp_path / tag
+        d.mkdir()
+        return evaluate_and_report(cfg2, method, model, data, str(d))
+
+    main = fit(cfg, ["train"], None, "main")
+    metrics = evaluate_and_report(cfg, method, main, data, str(tmp_path))
+    new = ablation.run(cfg, method, main, data, str(tmp_path), metrics, fit, score)
+    assert list(new) == ["filter_none"] and fitted[-1] == ("filter_none", "none", ["train"])
+    r = new["filter_none"]
+    assert set(r["test"]) == set(metrics["test"]) and 0.0 <= r["test"]["frame"]["auc"] <= 1.0
+    assert r["overrides"] == {"method.filter": "none"} and r["what"]
+    metrics["ablation"] = new
+    (line,) = ablation.summary_lines(metrics, list(new))
+    gap = metrics["test"]["frame"]["auc"] - r["test"]["frame"]["auc"]
+    assert line.startswith("ablation filter_none: test frame auc") and f"gap {gap:+.4f}" in line, line
+    # a variant already in the metrics (a method's own report) is not trained again
+    n = len(fitted)
+    assert ablation.run(cfg, method, main, data, str(tmp_path), metrics, fit, score) == {} and len(fitted) == n
+
+
+def test_primary_figure():
+    assert ablation.primary({"test": {"clip": {"auc": 0.9, "acc": 0.8}, "video": {"auc": 0.95}}}) == ("test clip auc", 0.9)
+    assert ablation.primary({"test": {"all_seen": {"acc": 0.6}}, "last": 61.4}) == ("last-session acc", 61.4)
+    assert ablation.primary({"test": {"masked_pairs": {"acc": 0.8, "n": 3}}}) == ("test masked_pairs acc", 0.8)
+    assert ablation.primary({}) is None
+    assert math.isnan(ablation.primary({"test": {"frame": {"auc": float("nan")}}})[1])
