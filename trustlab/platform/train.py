@@ -342,6 +342,7 @@ class WorkerContext:
         self.prefetch_depth = int(resolve_auto(t.get("prefetch_batches", "auto"), gpu, 2) or 0)
         self.compile = t.get("compile", False)
         self._syncs: dict[int, GradSync] = {}
+        self._buffer_snap: dict = {}  # running-sum buffers as every rank held them (snapshot_buffers)
 
     @classmethod
     def from_ray(cls, config: dict) -> "WorkerContext":
