@@ -484,11 +484,6 @@ class WorkerContext:
         dist.all_gather_object(out, obj)
         return out
 
-    def allreduce_grads(self, params) -> None:
-        """Average the gradients of ``params`` over workers now (one flat all-reduce); the steps
-        below (``backward`` + ``optimizer_step``) overlap it with backward instead."""
-        _allreduce_grads(list(params), self.world)
-
     # ---- precision, gradient synchronisation, compilation
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` on this worker's device, channels-last when ``trainer.channels_last`` is on
