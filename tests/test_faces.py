@@ -213,7 +213,7 @@ def test_every_face_knob_is_in_the_cache_key():
     base = cache_key(df, dict(DEFAULTS), 0)
     other = {"face_detector": "mtcnn", "face_crop": "box", "face_scale": 1.25, "face_score": 0.7,
              "face_track": "largest", "detect_every": 4, "min_track_share": 0.6, "smooth": 3, "decode_max_side": 720,
-             "detect_width": 640, "scale_factor": 1.2, "min_neighbors": 4, "relaxed_neighbors": None}
+             "decoder": "decord", "detect_width": 640, "scale_factor": 1.2, "min_neighbors": 4, "relaxed_neighbors": None}
     assert set(other) == set(FACE_KNOBS)
     for k, v in other.items():
         assert cache_key(df, {**DEFAULTS, k: v}, 0) != base, k

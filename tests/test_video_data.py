@@ -66,6 +66,46 @@ def test_decode_sampled_matches_full_decode(synth):
     assert err.max() < 3.0 and other > err[0]  # the requested frames, in the requested order
 
 
+@pytest.mark.parametrize("which", ["real", "synth"])
+def test_pyav_sampled_decode_equals_decord_and_skips_unneeded_frames(synth, which):
+    """The data plane's default decoder (PyAV, skipping non-reference frames it need not return)
+    gives decord's frames: the same count, the same pixels at native size, the same frames when
+    resized; and it has the decoder output fewer frames than the last one asked for (the real clip
+    has 78 B-frames in 105; x264's synthetic files have B-frames too)."""
+    from trustlab.platform.data.video import SampledVideo
+
+    if which == "real":
+        path = os.path.join(shared_real_dir() or "", "multiface_video.mp4")
+        if not os.path.exists(path):
+            pytest.skip("shared/data/real/multiface_video.mp4 not found")
+    else:
+        path = pd.read_csv(synth[1])["uri"].iloc[0]
+    data = open(path, "rb").read()
+    av_, dec = SampledVideo(data, "pyav"), SampledVideo(data, "decord")
+    assert av_.decoder == "pyav" and av_.n_frames == dec.n_frames > 0
+    assert (av_.width, av_.height) == (dec.width, dec.height) and av_.fps == pytest.approx(dec.fps)
+    idx = sample_indices(av_.n_frames, 16, 4, 1)[::-1]  # any order
+    np.testing.assert_array_equal(av_.frames(idx), dec.frames(idx))
+    assert av_.decoded < idx.max() + 1, (av_.decoded, idx.max())
+    side = max(av_.width, av_.height) // 2
+    small, full = av_.frames(idx, side), dec.frames(np.arange(dec.n_frames), side)
+    assert small.shape[1:] == full.shape[1:] and max(small.shape[1:3]) == side
+    dist = np.abs(small[:, None].astype(np.int16) - full[None].astype(np.int16)).mean(axis=(2, 3, 4))
+    np.testing.assert_array_equal(dist.argmin(1), idx)  # each resized frame is nearest its own decord frame
+    assert dist[np.arange(len(idx)), idx].max() < 1.0
+
+
+def test_sampled_video_bad_input():
+    from trustlab.platform.data.video import SampledVideo
+
+    with pytest.raises(ValueError, match="zero-byte"):
+        SampledVideo(b"")
+    with pytest.raises(ValueError, match="decoder"):
+        SampledVideo(b"x", "ffmpeg-cli")
+    with pytest.raises(Exception):
+        SampledVideo(b"this is a text file, not a video\n" * 20)
+
+
 # ----------------------------------------------------------------------------- synthetic set
 def test_synth_set_layout_determinism_and_planted_signal(synth, tmp_path):
     root, man = synth

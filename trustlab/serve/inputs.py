@@ -1,7 +1,7 @@
 """Input preparation of the detection graph: bytes or an ``s3://`` URI -> what each detector
 modality needs (the decoded image, face crops, frames, face-crop clips), reusing the video data
-plane: ``sample_indices`` + ``decode_sampled`` (decord, only the sampled frames, at the data
-plane's ``decode_max_side``) and ``face_clips`` (``faces.track_faces``: the same detector, face
+plane: ``sample_indices`` + ``SampledVideo`` (only the sampled frames, by the data plane's
+``decoder`` at its ``decode_max_side``) and ``face_clips`` (``faces.track_faces``: the same detector, face
 track and aligned crops as training; fallbacks counted, never dropped). Face finding and cropping
 take the data plane's knobs (``serve.video``, filled by ``trustlab.serve.settings``).
 
@@ -141,13 +141,11 @@ class Preprocessor:
 
         v = self.v
         try:
-            vr = V.open_video(data)
-            n, fps = int(len(vr)), float(vr.get_avg_fps() or 0.0)
-            h, w = (int(a) for a in vr[0].shape[:2]) if n > 0 else (0, 0)
-            del vr
+            src = V.SampledVideo(data, str(v.get("decoder") or V.DEFAULTS["decoder"]))
+            n, fps, w, h = int(src.n_frames), float(src.fps), int(src.width), int(src.height)
         except ValueError as e:
-            raise RequestError(400, "empty_upload", f"cannot decode video: {e}") from None
-        except Exception as e:  # noqa: BLE001 - decord raises its own error types
+            raise RequestError(400, "empty_upload" if not data else "corrupt_video", f"cannot decode video: {e}") from None
+        except Exception as e:  # noqa: BLE001 - PyAV and decord raise their own error types
             raise RequestError(400, "corrupt_video", f"cannot decode video: {reason(e)}") from None
         if n <= 0:
             raise RequestError(400, "corrupt_video", "cannot decode video: no frames")
@@ -161,7 +159,7 @@ class Preprocessor:
         t = int(v["clip_len"])
         idx = V.sample_indices(n, max(int(v["frames"]), t), t, int(v["stride"]))
         try:
-            frames = V.decode_sampled(data, idx, max_side=v["decode_max_side"])
+            frames = src.frames(idx, v["decode_max_side"])
         except Exception as e:  # noqa: BLE001
             raise RequestError(400, "corrupt_video", f"cannot decode video frames: {reason(e)}") from None
         inputs = {}

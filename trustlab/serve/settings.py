@@ -16,6 +16,7 @@ import re
 
 import trustlab
 from trustlab.platform.data.faces import CROPS, DETECTORS, TRACKS
+from trustlab.platform.data.video import DECODERS
 from trustlab.serve.fusion import METHODS as FUSION_METHODS
 from trustlab.serve.fusion import Fusion, FusionError
 
@@ -195,7 +196,7 @@ CHECKS = {
     "video.face_detector": _one_of(*DETECTORS), "video.face_crop": _one_of(*CROPS),
     "video.face_scale": _POS, "video.face_score": _fraction, "video.face_track": _one_of(*TRACKS),
     "video.detect_every": _INT, "video.min_track_share": _fraction, "video.smooth": _INT,
-    "video.decode_max_side": _optional(_INT), "video.detect_width": _INT, "video.scale_factor": _above_one,
+    "video.decode_max_side": _optional(_INT), "video.decoder": _one_of(*DECODERS), "video.detect_width": _INT, "video.scale_factor": _above_one,
     "video.min_neighbors": _INT, "video.relaxed_neighbors": _optional(_INT),
     "batching.max_batch_size": _INT, "batching.batch_wait_timeout_s": _NONNEG, "batching.max_forward": _INT,
     "replicas.ingress": _or_auto(_INT), "replicas.preprocess": _or_auto(_INT), "replicas.detector": _or_auto(_INT),
