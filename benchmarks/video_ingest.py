@@ -6,7 +6,8 @@ On the same files, in one run:
                  (``trustlab.platform.data.video.decode_sampled``, one decoder thread), at the
                  same decode size as (b) (``--decode-max-side``); also printed at native size;
 (b) ``ray_s3``   the Ray Data pipeline (``clip_datasets``: ``read_binary_files`` from S3 ->
-                 decord ``get_batch`` of the sampled frames -> the default face detector, the
+                 the default decoder's sampled frames (``data.decoder``: PyAV, skipping the
+                 non-reference frames no sampled frame needs) -> the default face detector, the
                  face track, aligned crops smoothed over each clip; ``files_per_batch`` videos
                  per actor call) reading from a local moto S3 server, on a local Ray with
                  ``--cpus`` CPUs;
