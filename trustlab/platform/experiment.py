@@ -115,7 +115,7 @@ def train_ablations(cfg: dict, method, model, data, name: str, run_dir: str, met
     files under ``<run>/ablation/<variant>/``); adds them to ``metrics.json`` and returns their
     summary lines."""
     from trustlab.platform import ablation
-    from trustlab.platform.train import checkpoint_uri, fit_stage, load_model, write_json
+    from trustlab.platform.train import fit_stages, load_model, write_json
 
     if not ablation.variants(cfg):
         return []
@@ -126,12 +126,8 @@ def train_ablations(cfg: dict, method, model, data, name: str, run_dir: str, met
         if init_state is not None:
             init = ck.temp_dir()
             ck.save_state(init, model=init_state, stage="init", epoch=0)
-        for stage in stages:
-            _, best = fit_stage(cfg2, stage, data, f"{name}-abl-{tag}", run_dir, init_from=init)
-            if best is None:
-                raise RuntimeError(f"ablation {tag}: stage {stage} produced no checkpoint")
-            init = checkpoint_uri(best, cfg2)
-        return load_model(cfg2, ck.load_state(init, endpoint))[1]
+        _, _, last = fit_stages(cfg2, stages, data, f"{name}-abl-{tag}", run_dir, init_from=init)
+        return load_model(cfg2, ck.load_state(last, endpoint))[1]
 
     def score(cfg2, m2, tag):
         d = os.path.join(run_dir, "ablation", tag)
@@ -148,7 +144,7 @@ def train_ablations(cfg: dict, method, model, data, name: str, run_dir: str, met
 @tracked("train")
 def train(cfg: dict) -> dict:
     from trustlab.platform.runtime import init_ray
-    from trustlab.platform.train import checkpoint_uri, fit_stage, load_model
+    from trustlab.platform.train import fit_stages, load_model
 
     from trustlab.platform.data.images import reset_reports
 
@@ -161,17 +157,10 @@ def train(cfg: dict) -> dict:
     data = method.build_data(cfg)
     print(f"[trustlab] data ready in {time.time() - t0:.1f}s: " + ", ".join(
         f"{k} {len(v['y']) if isinstance(v, dict) else 'streamed'}" for k, v in data.items()), flush=True)
-    init_from = cfg["method"].get("init_from")
-    history = {}
-    for stage in method.stages(cfg):
-        print(f"[trustlab] stage {stage}: {method.stage_epochs(cfg, stage)} epochs on "
-              f"{cfg['trainer']['num_workers']} worker(s)", flush=True)
-        result, best = fit_stage(cfg, stage, data, name, run_dir, init_from=init_from,
-                                 callbacks=history_callbacks(cfg, run_dir))
-        if best is None:
-            raise RuntimeError(f"stage {stage} produced no checkpoint")
-        init_from = checkpoint_uri(best, cfg)
-        history[stage] = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
+    results, _, init_from = fit_stages(cfg, method.stages(cfg), data, name, run_dir, cfg["method"].get("init_from"),
+                                       callbacks=history_callbacks(cfg, run_dir))
+    history = {stage: {k: v for k, v in (r.metrics or {}).items() if isinstance(v, (int, float, str))}
+               for stage, r in results.items()}
     state = ck.load_state(init_from, cfg["run"].get("s3_endpoint"))
     ck.save_state(os.path.join(run_dir, "checkpoints"), **state)
     os.replace(os.path.join(run_dir, "checkpoints", ck.CKPT_FILE), os.path.join(run_dir, "checkpoints", "best.pt"))

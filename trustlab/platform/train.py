@@ -788,6 +788,28 @@ def best_checkpoint(result, select: bool = True):
     return max(result.best_checkpoints, key=lambda cm: cm[1].get("val_score", -math.inf))[0]
 
 
+def fit_stages(cfg: dict, stages, data: dict, run_name: str, run_dir: str, init_from=None, callbacks=None,
+               final_callbacks=None, require_checkpoint: bool = True):
+    """Each stage through ``fit_stage``, starting from the checkpoint the stage before selected (the
+    first from ``init_from``); ``callbacks`` on every stage, ``final_callbacks`` also on the last.
+    Returns ``(results {stage: Result}, the last stage's selected checkpoint or None, the URI of the
+    last selected checkpoint)``. A stage that selects no checkpoint raises, unless
+    ``require_checkpoint`` is off (a Tune trial: the next stage then starts where this one did)."""
+    method = get_method(cfg["method"]["name"])
+    stages = list(stages)
+    results, best = {}, None
+    for i, stage in enumerate(stages):
+        print(f"[trustlab] stage {stage}: {method.stage_epochs(cfg, stage)} epochs on "
+              f"{cfg['trainer']['num_workers']} worker(s) ({run_name})", flush=True)
+        cbs = list(callbacks or []) + (list(final_callbacks or []) if i == len(stages) - 1 else [])
+        results[stage], best = fit_stage(cfg, stage, data, run_name, run_dir, init_from=init_from, callbacks=cbs or None)
+        if best is not None:
+            init_from = checkpoint_uri(best, cfg)
+        elif require_checkpoint:
+            raise RuntimeError(f"{run_name}: stage {stage} produced no checkpoint")
+    return results, best, init_from
+
+
 def checkpoint_uri(ckpt, cfg: dict) -> str:
     """A URI ``checkpoints.load_state`` reads (``s3://`` for remote storage)."""
     path = ckpt.path

@@ -1,7 +1,7 @@
 """Ray Tune sweeps over a method's declared space (``method.tune.space`` in its YAML).
 
 Driver-function pattern (Train v2): each trial is a function that applies its sampled values
-to the base config and runs the method's stages through ``fit_stage``; the last stage reports
+to the base config and runs the method's stages through ``fit_stages``; the last stage reports
 to Tune through ``TuneReportCallback`` once per epoch, so ASHA rungs are epochs. Search:
 OptunaSearch (TPE, seeded) by default, or random / grid; scheduler ASHA or FIFO. Trials get
 fractional CPUs so several fit on a 2-CPU machine (the trial's driver function takes 0.01 CPU).
@@ -114,21 +114,16 @@ def _trial(config: dict, base_cfg: dict, data, sweep_dir: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from trustlab.platform.registry import get_method
-    from trustlab.platform.train import checkpoint_uri, fit_stage
+    from trustlab.platform.train import fit_stages
 
     cfg = apply_dotted(base_cfg, config)
     method = get_method(cfg["method"]["name"])
     trial = tune.get_context().get_trial_id()
     data = trial_data(method, cfg, data)
     stages = method.stages(cfg)
-    init_from = cfg["method"].get("init_from")
-    result, best = None, None
-    for i, stage in enumerate(stages):
-        last = i == len(stages) - 1
-        result, best = fit_stage(cfg, stage, data, f"trial-{trial}", sweep_dir, init_from=init_from,
-                                 callbacks=[TuneReportCallback()] if last else None)
-        if best is not None:
-            init_from = checkpoint_uri(best, cfg)
+    results, best, init_from = fit_stages(cfg, stages, data, f"trial-{trial}", sweep_dir, cfg["method"].get("init_from"),
+                                          final_callbacks=[TuneReportCallback()], require_checkpoint=False)
+    result = results[stages[-1]]
     if best is not None:  # the trial's selected checkpoint, for exporting the sweep's best trial
         scores = [m for c, m in (result.best_checkpoints or []) if c.path == best.path]
         write_trial_record(cfg, sweep_dir, trial, {"trial_id": trial, "checkpoint": init_from, "config": config,
@@ -191,7 +186,6 @@ def sizing(cfg: dict, resources: dict) -> dict:
 @tracked("tune")
 def sweep(cfg: dict) -> dict:
     import pandas as pd
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 

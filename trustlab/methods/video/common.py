@@ -20,7 +20,6 @@ machine without Ray.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import os
@@ -605,7 +604,7 @@ def run_ablations(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
     method = as_bound(method)
     from trustlab.platform import checkpoints as ck
     from trustlab.platform.config import apply_dotted
-    from trustlab.platform.train import checkpoint_uri, fit_stage, load_model
+    from trustlab.platform.train import fit_stages, load_model
 
     ab = cfg["method"].get("ablation", {}) or {}
     out = {}
@@ -620,11 +619,8 @@ def run_ablations(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
             init_from = ck.temp_dir()
             ck.save_state(init_from, model=keep, stage="init", epoch=0)
         print(f"[ablation] {variant}: stages {stages}, overrides {spec.get('overrides')}", flush=True)
-        state = None
-        for stage in stages:
-            _, best = fit_stage(cfg2, stage, data, f"{cfg['run']['name']}-abl-{variant}", run_dir, init_from=init_from)
-            init_from = checkpoint_uri(best, cfg2)
-        state = ck.load_state(init_from, cfg["run"].get("s3_endpoint"))
+        _, _, last = fit_stages(cfg2, stages, data, f"{cfg['run']['name']}-abl-{variant}", run_dir, init_from=init_from)
+        state = ck.load_state(last, cfg["run"].get("s3_endpoint"))
         _, m2 = load_model(cfg2, state)
         res = evaluate_protocol(method, m2, data, cfg2)
         res["overrides"] = dict(spec.get("overrides") or {})
