@@ -84,6 +84,23 @@ def test_tune_asha_stops_at_least_one_trial(ray_head, tmp_path):
     assert os.path.exists(os.path.join(out["sweep_dir"], "results.csv"))
 
 
+def test_sweeping_a_data_key_builds_each_trials_own_data(ray_head, tmp_path):
+    """``method.data.n_train`` is a data key: each trial builds its own training set (issue 17), which
+    its steps per epoch show; with the data built once and shared, both trials take the same steps."""
+    import pandas as pd
+
+    from trustlab.platform.tune import sweep
+
+    cfg = compose(F2C + ["mode=tune", "run.name=sweep-data", "trainer.epochs=1", "trainer.num_workers=1",
+                         "tune.search=grid", "tune.scheduler=fifo", "tune.max_concurrent_trials=2"], tmp_path)
+    cfg["method"]["tune"]["space"] = {"method.data.n_train": {"type": "choice", "values": [128, 256]}}
+    out = sweep(cfg)
+    table = pd.read_csv(os.path.join(out["sweep_dir"], "results.csv"))
+    bs = int(cfg["trainer"]["batch_size"])
+    assert sorted(table["method.data.n_train"]) == [128, 256], table
+    assert list(table["steps"]) == [n // bs for n in table["method.data.n_train"]], table  # one worker
+
+
 def _png_bytes(seed=0, size=48):
     from PIL import Image
 

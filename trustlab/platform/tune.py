@@ -261,7 +261,7 @@ def sweep(cfg: dict) -> dict:
     results = tuner.fit()
     df = results.get_dataframe()
     keep = [c for c in df.columns if c.startswith("config/") or c in (
-        "trial_id", metric, "training_iteration", "val_loss", "train_loss", "time_total_s")]
+        "trial_id", metric, "training_iteration", "val_loss", "train_loss", "steps", "time_total_s")]
     table = df[keep].copy()
     table.columns = [c.replace("config/", "") for c in table.columns]
     table["stopped_early"] = table["training_iteration"] < epochs
