@@ -70,7 +70,7 @@ def test_runner_trains_scores_and_reports_each_variant_once(tmp_path, one_thread
     metrics["ablation"] = new
     (line,) = ablation.summary_lines(metrics, list(new))
     gap = metrics["test"]["frame"]["auc"] - r["test"]["frame"]["auc"]
-    assert line.startswith("ablation filter_none: test frame auc") and f"gap {gap:+.4f}" in line, line
+    assert line.startswith("ablation filter_none: test frame auc") and f"main better by {gap:+.4f}" in line, line
     # a variant already in the metrics (a method's own report) is not trained again
     n = len(fitted)
     assert ablation.run(cfg, method, main, data, str(tmp_path), metrics, fit, score) == {} and len(fitted) == n
@@ -82,3 +82,40 @@ def test_primary_figure():
     assert ablation.primary({"test": {"masked_pairs": {"acc": 0.8, "n": 3}}}) == ("test masked_pairs acc", 0.8)
     assert ablation.primary({}) is None
     assert math.isnan(ablation.primary({"test": {"frame": {"auc": float("nan")}}})[1])
+
+
+def test_declared_primary_lookup_and_gaps():
+    """A method may declare the figure its ablations are judged on (``ablation.primary``): a dotted
+    path (keys may hold dots), in either direction; the gaps say by how much the main model is
+    better, so a lower-is-better metric gives a positive gap when the main model's is lower."""
+    m = {"test": {"masked_pairs": {"tar@far=0.01": 0.9, "acc": 0.97}, "image": {"deletion_auc": 0.10}},
+         "cross_domain": {"cam": {"video": {"auc": 0.8}}}}
+    assert ablation.lookup(m, "test.masked_pairs.tar@far=0.01") == 0.9
+    assert ablation.lookup(m, "cross_domain.cam.video.auc") == 0.8
+    assert ablation.lookup(m, "cross_domain.other.video.auc") is None and ablation.lookup(m, "test.image") is None
+    two = {"cross_domain": {"a": {"video": {"auc": 0.6}}, "b": {"video": {"auc": 0.9}}}}
+    assert ablation.lookup(two, "cross_domain.*.video.auc") == pytest.approx(0.75)
+    assert ablation.lookup({"cross_domain": {"a": {"video": {"auc": 0.6}}, "b": {}}}, "cross_domain.*.video.auc") is None
+    lower = ablation.declared({"method": {"ablation": {"primary": {"metric": "test.image.deletion_auc",
+                                                                   "higher_is_better": False}}}})
+    m["ablation"] = {"pixel": {"test": {"image": {"deletion_auc": 0.05}}}, "hard": {"test": {"image": {"deletion_auc": 0.2}}},
+                     "other": {"note": "no figure"}}
+    g = ablation.gaps(m, lower)
+    assert g["gaps"] == pytest.approx({"pixel": -0.05, "hard": 0.1}) and g["min_gap"] == pytest.approx(-0.05)
+    assert not g["higher_is_better"] and g["main"] == 0.10
+    lines = ablation.summary_lines(m, ["pixel", "hard", "other"], lower)
+    assert len(lines) == 2 and "main better by -0.0500" in lines[0] and "main better by +0.1000" in lines[1], lines
+    higher = ablation.declared({"method": {"ablation": {"primary": {"metric": "test.image.deletion_auc"}}}})
+    assert ablation.gaps(m, higher)["gaps"] == pytest.approx({"pixel": 0.05, "hard": -0.1})
+    assert ablation.declared({"method": {"ablation": True}}) is None and ablation.declared({"method": {}}) is None
+    with pytest.raises(ValueError, match="metric"):
+        ablation.declared({"method": {"ablation": {"primary": "test.auc"}}})
+
+
+@pytest.mark.parametrize("name", sorted(list_methods()))
+def test_declared_primary_is_well_formed(name):
+    cfg = compose([f"method={name}"])
+    spec = ablation.declared(cfg)
+    if spec is not None:
+        top = spec["metric"].split(".")[0]
+        assert top in ("test", "val", "cross_domain", "sessions", "last", "average"), spec

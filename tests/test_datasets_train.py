@@ -216,7 +216,7 @@ def _faces_lfw(tmp, *_):
 
     root = tmp / "lfw"
     lfw_tree(str(root))
-    return ["method=deocclusion", *ci_overrides("deocclusion"), "method.ablation=false", "data=faces", f"data.root={root}",
+    return ["method=deocclusion", *ci_overrides("deocclusion"), "method.ablation.enabled=false", "data=faces", f"data.root={root}",
             "data.val_fraction=0.34"]
 
 

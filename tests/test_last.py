@@ -28,7 +28,7 @@ def cfg_of(*ov):
 def test_config_and_ci_overrides_compose():
     cfg = compose(["method=last", *ci_overrides("last")])
     assert get_method("last").stages(cfg) == ["pretrain_ssl", "adapt"]
-    assert V.protocol(cfg)[1] == ["synth_warp"]
+    assert V.protocol(cfg)[1] == ["synth_blend_cam"]
 
 
 def test_shapes():

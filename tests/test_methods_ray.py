@@ -7,6 +7,7 @@ import os
 import pytest
 
 from conftest import ci_overrides, compose
+from trustlab.platform import ablation
 from trustlab.platform.registry import list_methods
 
 
@@ -32,6 +33,8 @@ def test_train_two_workers_and_reload(name, ray_head, tmp_path):
     on_disk = json.load(open(os.path.join(run_dir, "metrics.json")))
     assert on_disk.keys() == metrics.keys()
     assert "test" in metrics or "sessions" in metrics, sorted(metrics)
+    spec = ablation.declared(cfg)  # the figure a method's ablations are judged on exists in its metrics
+    assert spec is None or ablation.lookup(metrics, spec["metric"]) is not None, (spec, sorted(metrics))
     again = evaluate(compose(ov + ["mode=eval"], tmp_path))
     for key in ("test", "val", "sessions", "last"):
         if key in metrics and key in again:

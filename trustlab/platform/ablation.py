@@ -10,6 +10,14 @@ A method YAML declares its variants under ``ablation``::
           overrides: {<dotted key>: <value>, ...}   # the variant's config values
           stages: [<stage>, ...]                     # optional: retrain only these stages ...
           init_prefix: <prefix.>                     # ... from the main model's parameters with this prefix
+      primary:                                       # optional: the figure the variants are judged on
+        metric: <dotted path into metrics.json>      # e.g. cross_domain.<target>.video.auc; * = mean over a level
+        higher_is_better: true
+
+Without ``primary`` a run is compared on the test split's first AUC (else FSCIL's last session).
+A method declares it where its mechanism is claimed to move another figure (a target domain,
+a lower-is-better deletion AUC); the gaps (main better by, per variant) land in
+``metrics.json["ablation_gaps"]``.
 
 The default run (``mode=train``) trains each variant after the main model on the same data,
 seed and budget (only the overrides differ), scores it with the same evaluation as the main
@@ -42,10 +50,46 @@ def variant_config(cfg: dict, spec: dict) -> dict:
     return cfg2
 
 
-def primary(metrics: dict) -> tuple[str, float] | None:
-    """``(name, value)`` of the figure a run is compared on, higher is better: the test split's
-    AUC at its first level (detection), else FSCIL's last-session accuracy, else the first test
-    figure. None when there is none."""
+def declared(cfg: dict) -> dict | None:
+    """The method's ``ablation.primary`` as ``{"metric": path, "higher_is_better": bool}``, or None."""
+    ab = cfg["method"].get("ablation")
+    spec = ab.get("primary") if isinstance(ab, dict) else None
+    if not spec:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("metric"), str):
+        raise ValueError(f"method.ablation.primary must be {{metric: <dotted path>, higher_is_better: bool}}, got {spec!r}")
+    return {"metric": spec["metric"], "higher_is_better": bool(spec.get("higher_is_better", True))}
+
+
+def lookup(metrics, path: str):
+    """The number at a dotted path of a metrics dict, or None. A key may hold dots itself
+    (``tar@far=0.01``): the longest key that matches the path's next parts wins. A ``*`` part is
+    the mean over every entry at that level (None if one lacks the rest of the path)."""
+    if path == "":
+        return float(metrics) if isinstance(metrics, (int, float)) and not isinstance(metrics, bool) else None
+    if not isinstance(metrics, dict):
+        return None
+    parts = path.split(".")
+    if parts[0] == "*":  # the mean over every entry at this level (e.g. cross_domain.*.video.auc)
+        vals = [lookup(v, ".".join(parts[1:])) for v in metrics.values()]
+        return float(sum(vals) / len(vals)) if vals and all(v is not None for v in vals) else None
+    for i in range(len(parts), 0, -1):
+        key = ".".join(parts[:i])
+        if key in metrics:
+            v = lookup(metrics[key], ".".join(parts[i:]))
+            if v is not None:
+                return v
+    return None
+
+
+def primary(metrics: dict, spec: dict | None = None) -> tuple[str, float] | None:
+    """``(name, value)`` of the figure a run is compared on: the declared ``spec`` (see
+    ``declared``) when given, else, higher being better, the test split's AUC at its first level
+    (detection), else FSCIL's last-session accuracy, else the first test figure. None when there
+    is none."""
+    if spec is not None:
+        v = lookup(metrics, spec["metric"])
+        return None if v is None else (spec["metric"], v)
     test = metrics.get("test") or {}
     for level, m in test.items():
         if isinstance(m, dict) and isinstance(m.get("auc"), (int, float)):
@@ -86,16 +130,33 @@ def run(cfg: dict, method, model, data: dict, run_dir: str, metrics: dict, fit, 
     return out
 
 
-def summary_lines(metrics: dict, names) -> list[str]:
-    """One line per variant: its primary figure, the main model's, and the gap."""
-    main = primary(metrics)
+def gaps(metrics: dict, spec: dict | None = None) -> dict | None:
+    """``{"metric", "higher_is_better", "main", "variants": {name: value}, "gaps": {name: main
+    better by}, "min_gap"}`` over the variants in ``metrics["ablation"]``; None without a main
+    figure. A gap is positive when the main model is better, whichever way the metric points."""
+    main = primary(metrics, spec)
+    if main is None or math.isnan(main[1]):
+        return None
+    sign = 1.0 if spec is None or spec["higher_is_better"] else -1.0
+    vals, out = {}, {}
+    for name, r in (metrics.get("ablation") or {}).items():
+        p = primary(r, spec) if isinstance(r, dict) else None
+        if p is None or p[0] != main[0] or math.isnan(p[1]):
+            continue
+        vals[name], out[name] = p[1], sign * (main[1] - p[1])
+    return {"metric": main[0], "higher_is_better": sign > 0, "main": main[1], "variants": vals, "gaps": out,
+            "min_gap": min(out.values()) if out else None}
+
+
+def summary_lines(metrics: dict, names, spec: dict | None = None) -> list[str]:
+    """One line per variant: its primary figure, the main model's, and the gap (main better by)."""
+    g = gaps(metrics, spec) or {"gaps": {}}
     lines = []
     for name in names:
         r = (metrics.get("ablation") or {}).get(name)
-        p = primary(r) if isinstance(r, dict) else None
+        p = primary(r, spec) if isinstance(r, dict) else None
         if p is None:
             continue
-        gap = "" if main is None or main[0] != p[0] or math.isnan(main[1]) else \
-            f" (main {main[1]:.4f}, gap {main[1] - p[1]:+.4f})"
+        gap = f" (main {g['main']:.4f}, main better by {g['gaps'][name]:+.4f})" if name in g["gaps"] else ""
         lines.append(f"ablation {name}: {p[0]} {p[1]:.4f}{gap} — {r.get('what', '')}")
     return lines

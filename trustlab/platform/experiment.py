@@ -112,13 +112,13 @@ def evaluate_and_report(cfg, method, model, data, run_dir, fname="metrics.json",
 def train_ablations(cfg: dict, method, model, data, name: str, run_dir: str, metrics: dict) -> list[str]:
     """The method's declared ablation variants (``trustlab.platform.ablation``), each trained
     through the same Ray Train stages on the same data and scored by the same evaluation (its
-    files under ``<run>/ablation/<variant>/``); adds them to ``metrics.json`` and returns their
-    summary lines."""
+    files under ``<run>/ablation/<variant>/``); adds them to ``metrics.json``, with the main
+    model's margin over every variant there (its own report's too) on the primary figure
+    (``metrics["ablation_gaps"]``), and returns their summary lines."""
     from trustlab.platform import ablation
     from trustlab.platform.train import fit_stages, load_model, write_json
 
-    if not ablation.variants(cfg):
-        return []
+    spec = ablation.declared(cfg)
     endpoint = cfg["run"].get("s3_endpoint")
 
     def fit(cfg2, stages, init_state, tag):
@@ -134,11 +134,20 @@ def train_ablations(cfg: dict, method, model, data, name: str, run_dir: str, met
         os.makedirs(d, exist_ok=True)
         return evaluate_and_report(cfg2, method, m2, data, d)
 
-    new = ablation.run(cfg, method, model, data, run_dir, metrics, fit, score)
+    new = ablation.run(cfg, method, model, data, run_dir, metrics, fit, score) if ablation.variants(cfg) else {}
     if new:
         metrics.setdefault("ablation", {}).update(new)
+    g = ablation.gaps(metrics, spec)
+    if g is not None and g["gaps"]:
+        metrics["ablation_gaps"] = g
+    if new or "ablation_gaps" in metrics:
         write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    return ablation.summary_lines(metrics, list(new))
+    lines = ablation.summary_lines(metrics, list(new), spec)
+    if "ablation_gaps" in metrics:
+        worst = min(g["gaps"], key=g["gaps"].get)
+        lines.append(f"ablations judged on {g['metric']} ({'higher' if g['higher_is_better'] else 'lower'} is better): "
+                     f"main {g['main']:.4f}, smallest margin {g['min_gap']:+.4f} (over {worst})")
+    return lines
 
 
 @tracked("train")

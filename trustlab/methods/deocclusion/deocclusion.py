@@ -339,6 +339,12 @@ def _bool(v) -> bool:
     return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
 
 
+def _ablation_on(m: dict) -> bool:
+    """``method.ablation``: a switch, or ``{enabled, primary}`` (the figure it is judged on)."""
+    v = m.get("ablation", True)
+    return _bool(v.get("enabled", True)) if isinstance(v, dict) else _bool(v)
+
+
 def eval_masks(x: torch.Tensor, lm: torch.Tensor, vid, cfg: dict):
     """Fixed masks for evaluation: one seed per image id."""
     masked, m, _ = masklib.synthesize(x, lm, np.asarray(vid) + EVAL_MASK_SEED, cfg["method"]["masks"], per_item=True)
@@ -560,7 +566,7 @@ class Deocclusion:
         m = cfg["method"]
         st = [] if m["teacher"].get("weights") else ["teacher"]
         st.append("completion")
-        if _bool(m.get("ablation", True)):
+        if _ablation_on(m):
             st.append("student_nocomp")
         return st + ["student"]
 
@@ -677,7 +683,7 @@ class Deocclusion:
         m = cfg["method"]
         far = float(m["eval"]["far"])
         tar_key = f"tar@far={far:g}"
-        systems = [s for s in SYSTEMS if not s.startswith("student_nocomp") or _bool(m.get("ablation", True))]
+        systems = [s for s in SYSTEMS if not s.startswith("student_nocomp") or _ablation_on(m)]
         bs = int(cfg["trainer"]["eval_batch_size"])
         emb = {split: _gathered([embed_split(model, data[split], cfg, systems + ["hole_l1"], bs)])
                for split in ("val", "test")}

@@ -652,8 +652,7 @@ def video_report(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
     ab = cfg["method"].get("ablation", {}) or {}
     if ab.get("enabled") and ab.get("variants"):
         if cfg.get("mode") == "train":
-            out["ablation"] = {"full": {**full, "what": "the method as configured"}}
-            out["ablation"].update(run_ablations(method, cfg, model, data, run_dir))
+            out["ablation"] = run_ablations(method, cfg, model, data, run_dir)  # the main model's own figures: test, cross_domain
         else:
             out["ablation"] = {"skipped": f"ablations are trained in mode=train only (mode={cfg.get('mode')})"}
     data_lines = []
