@@ -119,3 +119,24 @@ def test_declared_primary_is_well_formed(name):
     if spec is not None:
         top = spec["metric"].split(".")[0]
         assert top in ("test", "val", "cross_domain", "sessions", "last", "average"), spec
+
+
+def test_a_methods_own_ablations_are_judged_on_its_declared_figure(tmp_path):
+    """Re-label computes its ablations inside its own evaluation and declares deletion AUC (lower
+    is better) as the figure: the run's ablation step trains nothing more, but writes the margins
+    to metrics.json and says the smallest one."""
+    import json
+
+    from trustlab.platform.experiment import train_ablations
+
+    cfg = compose(["method=relabel"])
+    assert not ablation.variants(cfg)
+    metrics = {"test": {"image": {"deletion_auc": 0.08}},
+               "ablation": {"relabel_pixel_perturbation": {"test": {"image": {"deletion_auc": 0.05}}},
+                            "relabel_hard_labels_only": {"test": {"image": {"deletion_auc": 0.11}}}}}
+    lines = train_ablations(cfg, get_method("relabel"), None, {}, "x", str(tmp_path), metrics)
+    g = json.load(open(tmp_path / "metrics.json"))["ablation_gaps"]
+    assert g["metric"] == "test.image.deletion_auc" and not g["higher_is_better"]
+    assert g["gaps"] == pytest.approx({"relabel_pixel_perturbation": -0.03, "relabel_hard_labels_only": 0.03})
+    assert lines == ["ablations judged on test.image.deletion_auc (lower is better): main 0.0800, "
+                     "smallest margin -0.0300 (over relabel_pixel_perturbation)"], lines
