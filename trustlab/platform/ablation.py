@@ -34,12 +34,15 @@ import math
 KEEP = ("val", "test", "sessions", "average", "pd", "last", "cross_domain")
 
 
+def enabled(cfg: dict) -> bool:
+    """``method.ablation.enabled`` (default on): also the switch of ablations a method computes itself."""
+    ab = cfg["method"].get("ablation")
+    return isinstance(ab, dict) and bool(ab.get("enabled", True))
+
+
 def variants(cfg: dict) -> dict:
     """The declared variants, or {} when ablations are off."""
-    ab = cfg["method"].get("ablation")
-    if not isinstance(ab, dict) or not ab.get("enabled", True):
-        return {}
-    return dict(ab.get("variants") or {})
+    return dict(cfg["method"]["ablation"].get("variants") or {}) if enabled(cfg) else {}
 
 
 def variant_config(cfg: dict, spec: dict) -> dict:

@@ -26,7 +26,7 @@ Stages (each one Ray Train run; the best checkpoint of one initialises the next)
    identity cues the teacher reads, predicted from the visible face, at the price of a blurrier
    fill (figures: docs/results.md). The masks leave most of the identity visible, so completion,
    which cannot add information the visible face lacks, gains most at low FAR.
-3. ``student_nocomp`` (generic loop; ablation, ``method.ablation``): a student trained on the
+3. ``student_nocomp`` (generic loop; ablation, ``method.ablation.enabled``): a student trained on the
    masked faces directly, with the same distillation, initialisation, budget, batches and the
    same synthetic mask on the same face at the same step (like-for-like).
 4. ``student`` (generic loop): the student embeds *completed* masked faces and is distilled from
@@ -66,6 +66,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trustlab.methods.deocclusion import masks as masklib
+from trustlab.platform import ablation
 from trustlab.platform.evaluate import worker_threads
 from trustlab.platform.method import Step
 from trustlab.platform.registry import register_method
@@ -339,12 +340,6 @@ def _bool(v) -> bool:
     return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
 
 
-def _ablation_on(m: dict) -> bool:
-    """``method.ablation``: a switch, or ``{enabled, primary}`` (the figure it is judged on)."""
-    v = m.get("ablation", True)
-    return _bool(v.get("enabled", True)) if isinstance(v, dict) else _bool(v)
-
-
 def eval_masks(x: torch.Tensor, lm: torch.Tensor, vid, cfg: dict):
     """Fixed masks for evaluation: one seed per image id."""
     masked, m, _ = masklib.synthesize(x, lm, np.asarray(vid) + EVAL_MASK_SEED, cfg["method"]["masks"], per_item=True)
@@ -566,7 +561,7 @@ class Deocclusion:
         m = cfg["method"]
         st = [] if m["teacher"].get("weights") else ["teacher"]
         st.append("completion")
-        if _ablation_on(m):
+        if ablation.enabled(cfg):
             st.append("student_nocomp")
         return st + ["student"]
 
@@ -683,7 +678,7 @@ class Deocclusion:
         m = cfg["method"]
         far = float(m["eval"]["far"])
         tar_key = f"tar@far={far:g}"
-        systems = [s for s in SYSTEMS if not s.startswith("student_nocomp") or _ablation_on(m)]
+        systems = [s for s in SYSTEMS if not s.startswith("student_nocomp") or ablation.enabled(cfg)]
         bs = int(cfg["trainer"]["eval_batch_size"])
         emb = {split: _gathered([embed_split(model, data[split], cfg, systems + ["hole_l1"], bs)])
                for split in ("val", "test")}
