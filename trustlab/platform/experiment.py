@@ -138,12 +138,13 @@ def train_ablations(cfg: dict, method, model, data, name: str, run_dir: str, met
     if new:
         metrics.setdefault("ablation", {}).update(new)
     g = ablation.gaps(metrics, spec)
-    if g is not None and g["gaps"]:
+    judged = g is not None and bool(g["gaps"])
+    if judged:
         metrics["ablation_gaps"] = g
-    if new or "ablation_gaps" in metrics:
+    if new or judged:
         write_json(os.path.join(run_dir, "metrics.json"), metrics)
     lines = ablation.summary_lines(metrics, list(new), spec)
-    if "ablation_gaps" in metrics:
+    if judged:
         worst = min(g["gaps"], key=g["gaps"].get)
         lines.append(f"ablations judged on {g['metric']} ({'higher' if g['higher_is_better'] else 'lower'} is better): "
                      f"main {g['main']:.4f}, smallest margin {g['min_gap']:+.4f} (over {worst})")
