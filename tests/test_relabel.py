@@ -74,7 +74,7 @@ def _digits_model(cfg, bb_epochs=6, vae_epochs=25, seed=0):
     opt = torch.optim.Adam(model.vae.parameters(), lr=3e-3)
     for ep in range(vae_epochs):
         for idx in torch.randperm(len(x), generator=torch.Generator().manual_seed(100 + ep)).split(64):
-            loss = model.vae.loss(x[idx])["loss"]
+            loss = model.vae.loss(x[idx], float(cfg["method"]["vae"]["beta"]))["loss"]
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -97,7 +97,7 @@ def test_vae_reconstruction_improves(cfg, trained):
     model, data = trained
     xv = torch.from_numpy(data["val"]["x"])
     torch.manual_seed(0)
-    fresh = R.VAE(1, 8, 10, 256)
+    fresh = R.VAE(1, 8, int(cfg["method"]["vae"]["latent"]), 256)
     before, after = _recon_mse(fresh, xv), _recon_mse(model.vae, xv)
     mean_img = float((xv - torch.from_numpy(data["train"]["x"]).mean(0)).pow(2).mean())
     assert after < 0.5 * before, (before, after)
@@ -135,8 +135,8 @@ def test_relabel_explanations_beat_random_and_a_constant_weight_student_on_delet
     """The student's weights must carry the explanation: its contribution map ``w * x`` is
     compared with a constant-weight student (``w = 1``: the explanation is the image itself,
     which alone ranks bright digit strokes first and deletes well on digits) and with random.
-    Measured on these 30 test digits: deletion AUC re-label 0.125, constant weight 0.216,
-    random 0.536. Asserted: re-label <= 0.75x the constant-weight student's deletion AUC, <= 0.5x
+    Measured on these 30 test digits: deletion AUC re-label 0.077, constant weight 0.216,
+    random 0.536 (0.125 for re-label with the VAE at beta 1). Asserted: re-label <= 0.75x the constant-weight student's deletion AUC, <= 0.5x
     random's. With the student's weights replaced by a constant (``distil`` returning ``x``
     as the contribution) the first assertion fails (ratio 1.0)."""
     model, data = trained
@@ -164,15 +164,16 @@ def test_relabel_explanations_beat_random_and_a_constant_weight_student_on_delet
 
 
 @pytest.mark.xfail(strict=True, reason="known gap (issue 17): on digits, latent-space re-label distillation "
-                   "(deletion AUC 0.125) loses to gradient x input (0.045), LIME (0.051) and occlusion (0.076); "
+                   "(deletion AUC 0.077) loses to gradient x input (0.045) and LIME (0.051), ties occlusion (0.076); "
                    "strict, so the day it beats them this test reports it")
 def test_relabel_beats_every_baseline_it_computes_on_deletion(cfg, trained):
     """Issue 17 asks the method to beat every attribution baseline it reports on deletion AUC.
-    Measured on 30 test digits (the evaluation's ``attribution_maps``): re-label 0.125,
+    Measured on 30 test digits (the evaluation's ``attribution_maps``): re-label 0.077,
     gradient saliency 0.281, gradient x input 0.045, occlusion 0.076, LIME 0.051, random 0.536.
     The same student fitted on pixel-space neighbours (``perturb=pixel``, the ablation) reaches
-    0.055; no latent-space setting tried (radius 0.5-3, 400-1600 samples, hard/soft labels, l2
-    1e-5..0.1, decoded anchor, 32/64-d latent) went below 0.105."""
+    0.055. With the VAE at beta 1 (3 of 10 latent directions active) re-label was 0.125; the YAML's
+    beta 0.01 / 64-d latent keeps ~40 active and brought it to 0.077. Radius, samples, labels, l2
+    and anchor moved it by < 0.01 either way."""
     model, data = trained
     x = torch.from_numpy(data["test"]["x"][:30])
     res = R.attribution_maps(model, x, cfg["method"]["relabel"], cfg["method"]["eval"], seed=0)

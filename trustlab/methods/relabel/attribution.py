@@ -130,7 +130,9 @@ def lime(fn, x: torch.Tensor, c: torch.Tensor, cell: int = 1, n_samples: int = 5
     A = Z.transpose(1, 2) @ (Z * k[..., None]) + ridge * torch.diag_embed(
         torch.cat([torch.ones(nc), torch.zeros(1)]).to(x)).expand(n, -1, -1)
     rhs = Z.transpose(1, 2) @ (k * y)[..., None]
-    coef = torch.linalg.solve(A, rhs)[:, :nc, 0]
+    # A is symmetric positive definite (ridge on the cells, the kernel mass on the intercept): Cholesky, as
+    # batched LU fails on some well-conditioned systems of this size (see relabel.fit_linear_students)
+    coef = torch.cholesky_solve(rhs, torch.linalg.cholesky(A))[:, :nc, 0]
     return cell_unpool(coef, cell, h, w)
 
 

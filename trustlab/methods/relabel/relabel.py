@@ -226,7 +226,10 @@ def fit_linear_students(feats: torch.Tensor, target: torch.Tensor, l2: float = 1
         p = torch.sigmoid(torch.bmm(X, theta[..., None])[..., 0])
         grad = torch.bmm(X.transpose(1, 2), (sw * (p - y))[..., None])[..., 0] + theta * reg
         H = torch.bmm(X.transpose(1, 2), X * (sw * p * (1 - p))[..., None]) + R
-        step = torch.linalg.solve(H, grad[..., None])[..., 0]
+        # H is symmetric positive definite (the L2 term): Cholesky. Batched LU (linalg.solve) failed with
+        # "pivots ... must be >= 1" on well-conditioned 257 x 257 Hessians (16 px images, cell 1) with 2
+        # intra-op threads (MKL), and solved them with 1
+        step = torch.cholesky_solve(grad[..., None], torch.linalg.cholesky(H))[..., 0]
         theta = theta - step
         if float(step.abs().max()) < 1e-7:
             break
