@@ -173,7 +173,7 @@ def test_relabel_beats_every_baseline_it_computes_on_deletion(cfg, trained):
     The same student fitted on pixel-space neighbours (``perturb=pixel``, the ablation) reaches
     0.055. With the VAE at beta 1 (3 of 10 latent directions active) re-label was 0.125; the YAML's
     beta 0.01 / 64-d latent keeps ~40 active and brought it to 0.077. Radius, samples, labels, l2
-    and anchor moved it by < 0.01 either way."""
+    1e-2 and anchor moved it by < 0.01 either way (docs/results.md)."""
     model, data = trained
     x = torch.from_numpy(data["test"]["x"][:30])
     res = R.attribution_maps(model, x, cfg["method"]["relabel"], cfg["method"]["eval"], seed=0)
