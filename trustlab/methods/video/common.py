@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trustlab.platform import ablation
 from trustlab.platform.evaluate import iter_array_batches
 from trustlab.platform.method import as_bound
 
@@ -603,14 +604,11 @@ def run_ablations(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
     the main model's parameters whose names start with ``init_prefix`` (e.g. a frozen backbone)."""
     method = as_bound(method)
     from trustlab.platform import checkpoints as ck
-    from trustlab.platform.config import apply_dotted
     from trustlab.platform.train import fit_stages, load_model
 
-    ab = cfg["method"].get("ablation", {}) or {}
     out = {}
-    for variant, spec in (ab.get("variants") or {}).items():
-        cfg2 = apply_dotted(cfg, dict(spec.get("overrides") or {}))
-        cfg2["method"]["ablation"] = {"enabled": False, "variants": {}}
+    for variant, spec in ablation.variants(cfg).items():
+        cfg2 = ablation.variant_config(cfg, spec)
         stages = list(spec.get("stages") or method.stages(cfg2))
         init_from = None
         if spec.get("init_prefix"):
@@ -649,8 +647,7 @@ def video_report(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
                                seed=int(cfg["seed"]), title=f"{cfg['method']['name']}: robustness on {source} test")
         out["robustness"] = {"split": f"test ({source})", "table": os.path.basename(res["csv"]),
                              "plot": os.path.basename(res["png"]), "rows": res["rows"]}
-    ab = cfg["method"].get("ablation", {}) or {}
-    if ab.get("enabled") and ab.get("variants"):
+    if ablation.variants(cfg):
         if cfg.get("mode") == "train":
             out["ablation"] = run_ablations(method, cfg, model, data, run_dir)  # the main model's own figures: test, cross_domain
         else:
