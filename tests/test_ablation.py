@@ -31,6 +31,8 @@ def test_every_method_declares_its_ablation_variants(name):
                 node = node[p]
             assert key.split(".")[-1] in node, (name, variant, key)
         assert not ablation.variants(cfg2)  # a variant runs no ablations of its own
+    kinds = [ablation.kind_of(spec) for spec in v.values()]
+    assert "ablation" in kinds, f"{name}: every variant is a comparison; none switches the mechanism off"
     # CI's small runs skip them (the registry-wide Ray tests train the main model only)
     assert not ablation.variants(compose([f"method={name}", *ci_overrides(name)]))
 
@@ -110,6 +112,21 @@ def test_declared_primary_lookup_and_gaps():
     assert ablation.declared({"method": {"ablation": True}}) is None and ablation.declared({"method": {}}) is None
     with pytest.raises(ValueError, match="metric"):
         ablation.declared({"method": {"ablation": {"primary": "test.auc"}}})
+
+
+def test_a_comparison_variant_is_reported_but_not_in_the_smallest_margin():
+    """A variant that keeps the mechanism and adds to it (``kind: comparison``) gets its gap like
+    any other, but the margin the mechanism is judged by is the smallest over the ablations."""
+    m = {"last": 70.0, "ablation": {"off": {"last": 60.0}, "extra": {"last": 71.0, "kind": "comparison"}}}
+    g = ablation.gaps(m)
+    assert g["gaps"] == pytest.approx({"off": 10.0, "extra": -1.0}) and g["comparisons"] == ["extra"]
+    assert g["min_gap"] == pytest.approx(10.0)
+    lines = ablation.summary_lines(m, ["off", "extra"])
+    assert lines[0].startswith("ablation off:") and lines[1].startswith("comparison extra:"), lines
+    m["ablation"] = {"extra": m["ablation"]["extra"]}
+    assert ablation.gaps(m)["min_gap"] is None  # nothing switched off: nothing to judge
+    with pytest.raises(ValueError, match="kind"):
+        ablation.kind_of({"kind": "comparision"})
 
 
 @pytest.mark.parametrize("name", sorted(list_methods()))

@@ -10,6 +10,7 @@ A method YAML declares its variants under ``ablation``::
           overrides: {<dotted key>: <value>, ...}   # the variant's config values
           stages: [<stage>, ...]                     # optional: retrain only these stages ...
           init_prefix: <prefix.>                     # ... from the main model's parameters with this prefix
+          kind: ablation                             # optional: ablation (default) | comparison
       primary:                                       # optional: the figure the variants are judged on
         metric: <dotted path into metrics.json>      # e.g. cross_domain.<target>.video.auc; * = mean over a level
         higher_is_better: true
@@ -18,6 +19,12 @@ Without ``primary`` a run is compared on the test split's first AUC (else FSCIL'
 A method declares it where its mechanism is claimed to move another figure (a target domain,
 a lower-is-better deletion AUC); the gaps (main better by, per variant) land in
 ``metrics.json["ablation_gaps"]``.
+
+An ablation switches part of the mechanism off; the main model must beat it. A ``comparison``
+variant adds or swaps something instead (an optional loss the default leaves off): it is trained,
+scored and its gap reported the same way, but ``min_gap`` (the margin the mechanism is judged by)
+is taken over the ablations only, since a variant that keeps the whole mechanism and adds to it
+may tie with the main model or beat it without saying anything about the mechanism.
 
 The default run (``mode=train``) trains each variant after the main model on the same data,
 seed and budget (only the overrides differ), scores it with the same evaluation as the main
@@ -32,6 +39,7 @@ import math
 
 # what a variant's metrics keep of an evaluation: the figures, not the nested reports
 KEEP = ("val", "test", "sessions", "average", "pd", "last", "cross_domain")
+KINDS = ("ablation", "comparison")
 
 
 def enabled(cfg: dict) -> bool:
@@ -117,6 +125,7 @@ def run(cfg: dict, method, model, data: dict, run_dir: str, metrics: dict, fit, 
         if name in done:
             continue
         spec = dict(spec or {})
+        kind = kind_of(spec)  # a misspelt kind fails before anything trains
         cfg2 = variant_config(cfg, spec)
         stages = list(spec.get("stages") or method.stages(cfg2))
         init_state = None
@@ -128,27 +137,39 @@ def run(cfg: dict, method, model, data: dict, run_dir: str, metrics: dict, fit, 
         m2 = fit(cfg2, stages, init_state, name)
         res = score(cfg2, m2, name)
         entry = {k: res[k] for k in KEEP if k in res}
-        entry.update(what=str(spec.get("what", "")), overrides=dict(spec.get("overrides") or {}))
+        entry.update(what=str(spec.get("what", "")), overrides=dict(spec.get("overrides") or {}), kind=kind)
         out[name] = entry
     return out
 
 
+def kind_of(spec: dict) -> str:
+    """A variant's ``kind``: ``ablation`` (default) or ``comparison`` (see the module docstring)."""
+    kind = str((spec or {}).get("kind", "ablation"))
+    if kind not in KINDS:
+        raise ValueError(f"ablation variant kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
 def gaps(metrics: dict, spec: dict | None = None) -> dict | None:
     """``{"metric", "higher_is_better", "main", "variants": {name: value}, "gaps": {name: main
-    better by}, "min_gap"}`` over the variants in ``metrics["ablation"]``; None without a main
-    figure. A gap is positive when the main model is better, whichever way the metric points."""
+    better by}, "comparisons": [names], "min_gap"}`` over the variants in ``metrics["ablation"]``;
+    None without a main figure. A gap is positive when the main model is better, whichever way
+    the metric points; ``min_gap`` is the smallest over the ablations (``comparisons`` excluded)."""
     main = primary(metrics, spec)
     if main is None or math.isnan(main[1]):
         return None
     sign = 1.0 if spec is None or spec["higher_is_better"] else -1.0
-    vals, out = {}, {}
+    vals, out, comparisons = {}, {}, []
     for name, r in (metrics.get("ablation") or {}).items():
         p = primary(r, spec) if isinstance(r, dict) else None
         if p is None or p[0] != main[0] or math.isnan(p[1]):
             continue
         vals[name], out[name] = p[1], sign * (main[1] - p[1])
+        if kind_of(r) == "comparison":
+            comparisons.append(name)
+    judged = [v for n, v in out.items() if n not in comparisons]
     return {"metric": main[0], "higher_is_better": sign > 0, "main": main[1], "variants": vals, "gaps": out,
-            "min_gap": min(out.values()) if out else None}
+            "comparisons": comparisons, "min_gap": min(judged) if judged else None}
 
 
 def summary_lines(metrics: dict, names, spec: dict | None = None) -> list[str]:
@@ -161,5 +182,6 @@ def summary_lines(metrics: dict, names, spec: dict | None = None) -> list[str]:
         if p is None:
             continue
         gap = f" (main {g['main']:.4f}, main better by {g['gaps'][name]:+.4f})" if name in g["gaps"] else ""
-        lines.append(f"ablation {name}: {p[0]} {p[1]:.4f}{gap} — {r.get('what', '')}")
+        label = "comparison" if kind_of(r) == "comparison" else "ablation"
+        lines.append(f"{label} {name}: {p[0]} {p[1]:.4f}{gap} — {r.get('what', '')}")
     return lines

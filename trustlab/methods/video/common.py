@@ -608,6 +608,7 @@ def run_ablations(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
 
     out = {}
     for variant, spec in ablation.variants(cfg).items():
+        kind = ablation.kind_of(spec)  # a misspelt kind fails before anything trains
         cfg2 = ablation.variant_config(cfg, spec)
         stages = list(spec.get("stages") or method.stages(cfg2))
         init_from = None
@@ -623,6 +624,7 @@ def run_ablations(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
         res = evaluate_protocol(method, m2, data, cfg2)
         res["overrides"] = dict(spec.get("overrides") or {})
         res["what"] = spec.get("what", "")
+        res["kind"] = kind
         out[variant] = res
     return out
 
@@ -690,7 +692,7 @@ def summary_lines(out: dict, full: dict) -> list[str]:
     for v, r in (out.get("ablation") or {}).items():
         if isinstance(r, dict) and "test" in r:
             cd = "; ".join(f"{t} {m['video']['auc']:.4f}" for t, m in r["cross_domain"].items())
-            lines.append(f"ablation {v}: in-domain {fmt(r['test'])}; cross-domain video AUC {cd or '-'}")
+            lines.append(f"{r.get('kind', 'ablation')} {v}: in-domain {fmt(r['test'])}; cross-domain video AUC {cd or '-'}")
         elif isinstance(r, str):
             lines.append(f"ablation: {r}")
     return lines
