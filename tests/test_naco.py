@@ -45,6 +45,23 @@ def test_shapes():
     assert set(out) >= {"loss", "spm", "tcm"} and out["loss"].ndim == 0
 
 
+def test_mean_summary_reads_the_representation_only():
+    """``method.summary=mean``: the head and TCM's projector read the mean token alone (no
+    frame-to-frame change feature), so two clips with the same frames in another order differ only
+    through what the Transformer made of the order."""
+    cfg = cfg_of("method.summary=mean")
+    torch.manual_seed(0)
+    net = NACONet(cfg, "pretrain_ssl").eval()
+    x = torch.rand(3, 4, 3, 32, 32)
+    h = net.mix(net.frames(x))
+    assert torch.equal(net.features(x), h.mean((1, 2))) and net.features(x).shape == (3, 64)
+    assert net(x).shape == (3,) and net.head[0].in_features == net.projector[0].in_features == 64
+    out = ssl_losses(net.train(), x, cfg)
+    assert set(out) >= {"loss", "spm", "tcm"} and torch.isfinite(out["loss"])
+    with pytest.raises(ValueError, match="summary"):
+        NACONet(cfg_of("method.summary=change"), "pretrain_ssl")
+
+
 def test_shuffled_order_is_never_identity():
     p = shuffled_order(500, 3)
     assert torch.equal(p.sort(1).values, torch.arange(3).expand(500, 3))

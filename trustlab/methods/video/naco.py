@@ -29,7 +29,9 @@ Our choices (config, swept by Tune where marked):
   tcm.weight * L_tcm`` (weights: Tune); not selected on a detection metric (latest checkpoint);
 - stage ``finetune_head``: CNN, embeddings and Transformer frozen (eval mode, no gradients); an
   MLP head reads the mean Transformer output and the mean absolute change of each token between
-  consecutive frames (``_video.clip_summary``: how "naturally consistent" the clip is);
+  consecutive frames (``_video.clip_summary``: how "naturally consistent" the clip is), or with
+  ``method.summary=mean`` the mean token only (the change is a hand-made cue that works on any
+  backbone; docs/results.md compares the two);
   binary cross-entropy; checkpoints selected on validation AUC;
 - ablation: each module off in turn (``spm.weight=0`` / ``tcm.weight=0``), trained in the same
   run with the same data, seed and epochs.
@@ -42,6 +44,10 @@ import torch.nn.functional as F
 
 from trustlab.methods.video import common as V
 from trustlab.platform.registry import register_method
+
+
+# what the head and the TCM projector read of the Transformer output (method.summary)
+SUMMARIES = ("mean_change", "mean")
 
 
 def shuffled_order(b: int, t: int, device=None, gen=None) -> torch.Tensor:
@@ -72,9 +78,13 @@ class NACONet(nn.Module):
         self.blocks = nn.Sequential(*[Block(d, int(m["heads"]), mlp_ratio=2.0) for _ in range(int(m["depth"]))])
         self.norm = nn.LayerNorm(d)
         self.predictor = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))  # SPM
-        self.projector = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, int(m["tcm"]["proj_dim"])))  # TCM
+        self.summary = str(m.get("summary", "mean_change"))
+        if self.summary not in SUMMARIES:
+            raise ValueError(f"method.summary must be one of {SUMMARIES}, got {self.summary!r}")
+        ds = 2 * d if self.summary == "mean_change" else d
+        self.projector = nn.Sequential(nn.Linear(ds, d), nn.GELU(), nn.Linear(d, int(m["tcm"]["proj_dim"])))  # TCM
         h = int(m["head"]["hidden"])
-        self.head = nn.Sequential(nn.Linear(2 * d, h), nn.GELU(), nn.Dropout(float(m["head"]["dropout"])), nn.Linear(h, 1))
+        self.head = nn.Sequential(nn.Linear(ds, h), nn.GELU(), nn.Dropout(float(m["head"]["dropout"])), nn.Linear(h, 1))
         V.load_transformer(self, cfg)
         self.frozen = stage == "finetune_head"
         if self.frozen:
@@ -101,9 +111,13 @@ class NACONet(nn.Module):
         h = self.norm(self.blocks(h.reshape(b, t * p, d)))
         return h.view(b, t, p, d)
 
+    def summarize(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, P, D) Transformer output -> the clip vector the head and the TCM projector read."""
+        return V.clip_summary(h) if self.summary == "mean_change" else h.mean((1, 2))
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Head input: ``clip_summary`` of the Transformer output."""
-        return V.clip_summary(self.mix(self.frames(x)))
+        """Head input: ``summarize`` of the Transformer output."""
+        return self.summarize(self.mix(self.frames(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen:
@@ -138,7 +152,7 @@ def ssl_losses(model: NACONet, x: torch.Tensor, cfg: dict) -> dict:
         out["spm"] = V.info_nce(pred, target, float(m["spm"]["temperature"]))
         loss = loss + ws * out["spm"]
     if tcm:
-        z_pos, z, z_shuf = model.projector(V.clip_summary(torch.cat([h_m, h, h_shuf]))).split(b)
+        z_pos, z, z_shuf = model.projector(model.summarize(torch.cat([h_m, h, h_shuf]))).split(b)
         out["tcm"] = V.info_nce(z, z_pos, float(m["tcm"]["temperature"]), extra_neg=z_shuf)
         with torch.no_grad():
             zn, zp, zs = (F.normalize(v, dim=-1) for v in (z, z_pos, z_shuf))
