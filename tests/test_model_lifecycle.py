@@ -105,7 +105,8 @@ def test_report_plots_robustness_sessions_and_ablations(tmp_path):
     for i in range(2):
         run(f"stdt-{i}", "stdt", {"test": {"frame": {"auc": 0.8 + i / 20, "acc": 0.7}, "video": {"auc": 0.85}},
                                   "val": {"frame": {"auc": 0.9}}, "robustness": {"rows": rows},
-                                  "ablation": {"no_temporal": {"test": {"frame": {"auc": 0.6}, "video": {"auc": 0.62}}}}},
+                                  "ablation": {"no_temporal": {"test": {"frame": {"auc": 0.6}, "video": {"auc": 0.62}}},
+                                               "extra_loss": {"test": {"frame": {"auc": 0.8}}, "kind": "comparison"}}},
             [{"stage": "train", "epoch": e, "val_score": 0.5 + e / 10, "train_loss": 1 / e} for e in (1, 2, 3)])
     sess = {"sessions": [80.0, 70.0, 60.0], "average": 70.0, "pd": 20.0, "last": 60.0}
     run("cd2-0", "cd2", {**sess, "baselines": {"finetune": {**sess, "sessions": [80.0, 50.0, 30.0], "average": 53.3}},
@@ -115,6 +116,7 @@ def test_report_plots_robustness_sessions_and_ablations(tmp_path):
     page = (out / "index.html").read_text()
     md = (out / "report.md").read_text()
     assert "stdt-1" in page and "no_temporal" in page and "sessions average" in page
+    assert "extra_loss (comparison)" in md and "no_temporal (comparison)" not in md
     assert md.index("| 1 | stdt-1 |") < md.index("| 2 | stdt-0 |")  # ranked by test frame AUC
     plots = sorted(p.name for p in (out / "plots").iterdir())
     for kind in ("leaderboard_stdt", "robustness_stdt", "training_stdt", "sessions_cd2"):

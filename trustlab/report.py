@@ -155,7 +155,8 @@ def _fmt(v, nd: int = 4) -> str:
 
 
 def ablation_rows(metrics: dict) -> list[tuple[str, dict]]:
-    """``[(variant, {"<level> <metric>": value})]`` from ``metrics["ablation"]`` (test figures)."""
+    """``[(variant, {"<level> <metric>": value})]`` from ``metrics["ablation"]`` (test figures); a
+    comparison variant's name carries `` (comparison)``."""
     from trustlab.platform.tracking import flatten
 
     rows = []
@@ -168,8 +169,9 @@ def ablation_rows(metrics: dict) -> list[tuple[str, dict]]:
             flat = {f"test {k}": v for k, v in r["test"].items() if k != "n"}
         flat = {k.replace(".", " "): v for k, v in flat.items() if not k.endswith(("n", ".threshold"))}
         keys = sorted(flat, key=lambda k: (not k.endswith(" auc"), not k.endswith(" acc"), k))[:MAX_COLS // 2]
-        if keys:
-            rows.append((variant, {k: flat[k] for k in keys}))
+        if keys:  # a comparison keeps the mechanism and adds to it (trustlab.platform.ablation): say so
+            name = f"{variant} (comparison)" if r.get("kind") == "comparison" else variant
+            rows.append((name, {k: flat[k] for k in keys}))
     return rows
 
 
