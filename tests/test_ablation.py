@@ -120,7 +120,7 @@ def test_a_comparison_variant_is_reported_but_not_in_the_smallest_margin():
     m = {"last": 70.0, "ablation": {"off": {"last": 60.0}, "extra": {"last": 71.0, "kind": "comparison"}}}
     g = ablation.gaps(m)
     assert g["gaps"] == pytest.approx({"off": 10.0, "extra": -1.0}) and g["comparisons"] == ["extra"]
-    assert g["min_gap"] == pytest.approx(10.0)
+    assert g["min_gap"] == pytest.approx(10.0) and g["min_over"] == "off"
     lines = ablation.summary_lines(m, ["off", "extra"])
     assert lines[0].startswith("ablation off:") and lines[1].startswith("comparison extra:"), lines
     m["ablation"] = {"extra": m["ablation"]["extra"]}

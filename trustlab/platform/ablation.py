@@ -152,9 +152,10 @@ def kind_of(spec: dict) -> str:
 
 def gaps(metrics: dict, spec: dict | None = None) -> dict | None:
     """``{"metric", "higher_is_better", "main", "variants": {name: value}, "gaps": {name: main
-    better by}, "comparisons": [names], "min_gap"}`` over the variants in ``metrics["ablation"]``;
+    better by}, "comparisons": [names], "min_gap", "min_over"}`` over the variants in ``metrics["ablation"]``;
     None without a main figure. A gap is positive when the main model is better, whichever way
-    the metric points; ``min_gap`` is the smallest over the ablations (``comparisons`` excluded)."""
+    the metric points; ``min_gap`` is the smallest over the ablations (``comparisons`` excluded),
+    ``min_over`` the variant it is over."""
     main = primary(metrics, spec)
     if main is None or math.isnan(main[1]):
         return None
@@ -167,9 +168,10 @@ def gaps(metrics: dict, spec: dict | None = None) -> dict | None:
         vals[name], out[name] = p[1], sign * (main[1] - p[1])
         if kind_of(r) == "comparison":
             comparisons.append(name)
-    judged = [v for n, v in out.items() if n not in comparisons]
+    judged = {n: v for n, v in out.items() if n not in comparisons}
+    worst = min(judged, key=judged.get) if judged else None
     return {"metric": main[0], "higher_is_better": sign > 0, "main": main[1], "variants": vals, "gaps": out,
-            "comparisons": comparisons, "min_gap": min(judged) if judged else None}
+            "comparisons": comparisons, "min_gap": judged.get(worst), "min_over": worst}
 
 
 def summary_lines(metrics: dict, names, spec: dict | None = None) -> list[str]:
@@ -182,6 +184,5 @@ def summary_lines(metrics: dict, names, spec: dict | None = None) -> list[str]:
         if p is None:
             continue
         gap = f" (main {g['main']:.4f}, main better by {g['gaps'][name]:+.4f})" if name in g["gaps"] else ""
-        label = "comparison" if kind_of(r) == "comparison" else "ablation"
-        lines.append(f"{label} {name}: {p[0]} {p[1]:.4f}{gap} — {r.get('what', '')}")
+        lines.append(f"{kind_of(r)} {name}: {p[0]} {p[1]:.4f}{gap} — {r.get('what', '')}")
     return lines

@@ -145,10 +145,9 @@ def train_ablations(cfg: dict, method, model, data, name: str, run_dir: str, met
         write_json(os.path.join(run_dir, "metrics.json"), metrics)
     lines = ablation.summary_lines(metrics, list(new), spec)
     if judged and g["min_gap"] is not None:
-        worst = min((n for n in g["gaps"] if n not in g["comparisons"]), key=g["gaps"].get)
         extra = f"; comparisons, not judged: {', '.join(g['comparisons'])}" if g["comparisons"] else ""
         lines.append(f"ablations judged on {g['metric']} ({'higher' if g['higher_is_better'] else 'lower'} is better): "
-                     f"main {g['main']:.4f}, smallest margin {g['min_gap']:+.4f} (over {worst}){extra}")
+                     f"main {g['main']:.4f}, smallest margin {g['min_gap']:+.4f} (over {g['min_over']}){extra}")
     return lines
 
 
