@@ -31,10 +31,28 @@ def test_every_method_declares_its_ablation_variants(name):
                 node = node[p]
             assert key.split(".")[-1] in node, (name, variant, key)
         assert not ablation.variants(cfg2)  # a variant runs no ablations of its own
+        stages = get_method(name).stages(cfg2)
+        assert set(spec.get("stages") or stages) <= set(stages), (name, variant, spec.get("stages"))
+        if spec.get("init_prefix"):  # what the variant inherits exists in the main model
+            model = get_method(name).build_model(cfg, stages[-1])
+            assert ablation.inherited_state(model, spec), (name, variant)
     kinds = [ablation.kind_of(spec) for spec in v.values()]
     assert "ablation" in kinds, f"{name}: every variant is a comparison; none switches the mechanism off"
     # CI's small runs skip them (the registry-wide Ray tests train the main model only)
     assert not ablation.variants(compose([f"method={name}", *ci_overrides(name)]))
+
+
+def test_inherited_state_takes_one_prefix_or_several_and_refuses_one_that_matches_nothing():
+    model = torch.nn.ModuleDict({"backbone": torch.nn.BatchNorm1d(2), "heads": torch.nn.ModuleList(
+        [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]), "memory": torch.nn.Linear(2, 1)})
+    assert ablation.inherited_state(model, {}) is None
+    one = ablation.inherited_state(model, {"init_prefix": "backbone."})
+    assert set(one) == {"backbone.weight", "backbone.bias", "backbone.running_mean", "backbone.running_var",
+                        "backbone.num_batches_tracked"}  # buffers come too (frozen BatchNorm statistics)
+    two = ablation.inherited_state(model, {"init_prefix": ["backbone.", "heads.0."]})
+    assert set(two) == set(one) | {"heads.0.weight", "heads.0.bias"}  # heads.1 and memory stay the variant's own
+    with pytest.raises(ValueError, match="matches no parameter"):
+        ablation.inherited_state(model, {"init_prefix": ["backbone.", "head.0."]})
 
 
 def test_runner_trains_scores_and_reports_each_variant_once(tmp_path, one_thread):

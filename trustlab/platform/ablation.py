@@ -9,7 +9,7 @@ A method YAML declares its variants under ``ablation``::
           what: <what this variant switches off>
           overrides: {<dotted key>: <value>, ...}   # the variant's config values
           stages: [<stage>, ...]                     # optional: retrain only these stages ...
-          init_prefix: <prefix.>                     # ... from the main model's parameters with this prefix
+          init_prefix: <prefix.> | [<prefix.>, ...]  # ... from the main model's parameters with this prefix (or any of these)
           kind: ablation                             # optional: ablation (default) | comparison
       primary:                                       # optional: the figure the variants are judged on
         metric: <dotted path into metrics.json>      # e.g. cross_domain.<target>.video.auc; * = mean over a level
@@ -128,11 +128,7 @@ def run(cfg: dict, method, model, data: dict, run_dir: str, metrics: dict, fit, 
         kind = kind_of(spec)  # a misspelt kind fails before anything trains
         cfg2 = variant_config(cfg, spec)
         stages = list(spec.get("stages") or method.stages(cfg2))
-        init_state = None
-        if spec.get("init_prefix"):  # e.g. a frozen backbone copied from the main model
-            from trustlab.platform import checkpoints as ck
-
-            init_state = {k: v for k, v in ck.unwrap(model).state_dict().items() if k.startswith(spec["init_prefix"])}
+        init_state = inherited_state(model, spec)
         print(f"[ablation] {name}: stages {stages}, overrides {spec.get('overrides')}", flush=True)
         m2 = fit(cfg2, stages, init_state, name)
         res = score(cfg2, m2, name)
@@ -140,6 +136,24 @@ def run(cfg: dict, method, model, data: dict, run_dir: str, metrics: dict, fit, 
         entry.update(what=str(spec.get("what", "")), overrides=dict(spec.get("overrides") or {}), kind=kind)
         out[name] = entry
     return out
+
+
+def inherited_state(model, spec: dict) -> dict | None:
+    """The main model's parameters and buffers a variant starts from: those whose names start with
+    ``spec["init_prefix"]`` (one prefix or a list), e.g. a frozen backbone and the head the earlier
+    stages trained; None without ``init_prefix``. A prefix that matches nothing raises, since the
+    variant would silently train from scratch."""
+    prefix = (spec or {}).get("init_prefix")
+    if not prefix:
+        return None
+    from trustlab.platform import checkpoints as ck
+
+    prefixes = (prefix,) if isinstance(prefix, str) else tuple(str(p) for p in prefix)
+    full = ck.unwrap(model).state_dict()
+    missing = [p for p in prefixes if not any(k.startswith(p) for k in full)]
+    if missing:
+        raise ValueError(f"ablation init_prefix {missing} matches no parameter of the main model")
+    return {k: v for k, v in full.items() if k.startswith(prefixes)}
 
 
 def kind_of(spec: dict) -> str:

@@ -601,7 +601,7 @@ def run_ablations(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
     """Train every variant of ``method.ablation.variants`` through the same Ray Train stages as
     the main run (same data, seed and epochs; only the variant's overrides differ) and evaluate
     it in-domain and cross-domain. A variant may retrain only some ``stages``, initialised from
-    the main model's parameters whose names start with ``init_prefix`` (e.g. a frozen backbone)."""
+    the main model's parameters whose names start with ``init_prefix`` (``ablation.inherited_state``)."""
     method = as_bound(method)
     from trustlab.platform import checkpoints as ck
     from trustlab.platform.train import fit_stages, load_model
@@ -612,9 +612,8 @@ def run_ablations(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
         cfg2 = ablation.variant_config(cfg, spec)
         stages = list(spec.get("stages") or method.stages(cfg2))
         init_from = None
-        if spec.get("init_prefix"):
-            full = ck.unwrap(model).state_dict()
-            keep = {k: v for k, v in full.items() if k.startswith(spec["init_prefix"])}
+        keep = ablation.inherited_state(model, spec)
+        if keep is not None:
             init_from = ck.temp_dir()
             ck.save_state(init_from, model=keep, stage="init", epoch=0)
         print(f"[ablation] {variant}: stages {stages}, overrides {spec.get('overrides')}", flush=True)
