@@ -1,6 +1,6 @@
 """The GPU machinery every training loop gets from its WorkerContext, checked on CPU without Ray:
 bucketed gradient all-reduce overlapping backward (two gloo processes) equals the flat all-reduce;
-a bf16 autocast step matches fp32 for every registered method's loss; fp16 with a gradient scaler,
+a bf16 autocast step with channels-last layout matches fp32 for every registered method's loss; fp16 with a gradient scaler,
 torch.compile, prefetching and the loss sums run through the generic loop; a method's own loop
 runs on a local context; elastic and placement settings reach Ray Train's ScalingConfig."""
 from __future__ import annotations
@@ -135,8 +135,9 @@ def _small_batch(method, cfg, data, stage, n: int = 8) -> dict:
 
 def _loss_and_grads(method, cfg, stage, batch, ctx, seed=0):
     torch.manual_seed(seed)
-    model = method.build_model(cfg, stage)
+    model = ctx.prepare(method.build_model(cfg, stage))  # as a worker places it (layout included)
     model.train()
+    batch = ctx.to_device(batch)
     torch.manual_seed(seed + 1)
     with ctx.autocast():
         if method.name == "deocclusion" and stage == "completion":
@@ -155,6 +156,9 @@ def _loss_and_grads(method, cfg, stage, batch, ctx, seed=0):
 
 @pytest.mark.parametrize("name", list_methods())
 def test_bf16_autocast_step_matches_fp32(name, tmp_path, one_thread):
+    """The bf16 side runs as a GPU worker is set up (``auto`` turns both on there): bf16 autocast and
+    channels-last convolutions and inputs. A model ``prepare`` cannot lay out fails here on CPU, not
+    on the first GPU run (CD²'s 5-D exemplar buffer did, on an H200)."""
     method = get_method(name)
     cfg = compose([f"method={name}", *ci_overrides(name)], tmp_path)
     stages = gradient_stages(method, cfg)
@@ -164,8 +168,9 @@ def test_bf16_autocast_step_matches_fp32(name, tmp_path, one_thread):
     for stage in stages:
         batch = _small_batch(method, cfg, data, stage)
         ctx32 = WorkerContext.local({**cfg, "trainer": {**cfg["trainer"], "precision": "fp32"}}, stage, {})
-        ctx16 = WorkerContext.local({**cfg, "trainer": {**cfg["trainer"], "precision": "bf16"}}, stage, {})
-        assert ctx32.amp_dtype is None and ctx16.amp_dtype is torch.bfloat16
+        ctx16 = WorkerContext.local({**cfg, "trainer": {**cfg["trainer"], "precision": "bf16", "channels_last": True}},
+                                    stage, {})
+        assert ctx32.amp_dtype is None and ctx16.amp_dtype is torch.bfloat16 and ctx16.channels_last
         l32, g32 = _loss_and_grads(method, cfg, stage, batch, ctx32)
         l16, g16 = _loss_and_grads(method, cfg, stage, batch, ctx16)
         assert math.isfinite(l16), (stage, l16)

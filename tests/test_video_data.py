@@ -320,3 +320,20 @@ def test_store_s3_demo_uploads_and_reads_back(synth):
              for v, c, x in zip(b["vid"], b["clip"], b["x"])}
     assert s3_rows.keys() == local.keys() and len(local) > 0
     assert all(np.array_equal(s3_rows[k], local[k]) for k in local)
+
+
+def test_in_memory_blend_without_a_second_face_says_where_faces_go(tmp_path, monkeypatch):
+    """Without the shared real faces only the astronaut is left: 'blend' (a face swap) cannot pick a
+    donor identity and says where the faces must be, instead of numpy's 'high <= 0' (seen on a
+    machine the shared folder had not travelled to); the single-face manipulations still render."""
+    from trustlab.methods.video import common as V
+
+    monkeypatch.setenv("TRUSTLAB_SHARED", str(tmp_path))  # no data/real under it
+    V.face_bank.cache_clear()
+    try:
+        rng = np.random.default_rng(0)
+        assert V.render_video(rng, 4, 32, "warp", 1.0).shape == (4, 32, 32, 3)
+        with pytest.raises(ValueError, match="two real faces.*TRUSTLAB_SHARED"):
+            V.render_video(rng, 4, 32, "blend", 1.0)
+    finally:
+        V.face_bank.cache_clear()

@@ -489,8 +489,12 @@ class WorkerContext:
         """``model`` on this worker's device, channels-last when ``trainer.channels_last`` is on
         (``auto``: on a GPU, for a model with 2-D convolutions)."""
         model = model.to(self.device)
-        if self.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
-            model = model.to(memory_format=torch.channels_last)
+        if self.channels_last:
+            # only the convolutions: ``model.to(memory_format=...)`` would also convert every other
+            # 4-/5-D tensor, and a 5-D buffer (CD²'s exemplar memory) makes it raise on a GPU
+            for m in model.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    m.to(memory_format=torch.channels_last)
         return model
 
     def autocast(self):

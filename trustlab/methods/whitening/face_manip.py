@@ -50,6 +50,9 @@ def face_sources(directory: str | None = None) -> tuple[tuple[np.ndarray, tuple[
     from PIL import Image
 
     d = directory or real_dir()
+    if not hasattr(cv2, "CascadeClassifier"):  # seen on an image whose cv2 was built without objdetect
+        raise ImportError(f"this OpenCV ({cv2.__file__}) has no CascadeClassifier, which finds the faces to "
+                          "manipulate: install opencv-python-headless")
     casc = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml"))
     out = []
 
