@@ -19,6 +19,8 @@ Ratios (goal >= 0.85): ``<method>_<stage>_<precision>_loop_vs_bare`` = bare / lo
 goal: the platform's loop against the bare backbone), split into ``..._method_vs_bare`` = bare /
 method step time (what the method costs over its backbone) and ``..._loop_vs_method`` = method /
 loop step time (what the platform's loop costs over the bare method step). Writes benchmarks/out/gpu_step.json.
+A method that fails (its data, its model on this device) is named with its error in the JSON's
+``failed`` and the others still run; the exit status is then 1.
 
 No Ray: a GPU machine may have only torch, timm, torchvision and this package's own
 dependencies. Configs are read from the YAML files (no Hydra) and each method family is imported
@@ -38,6 +40,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -348,28 +351,42 @@ def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     from _common import report
 
-    rows, ratios, skipped = [], [], []
-    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        family, method = load_family(name)
-        cfg = config(name, args)
-        stages = gradient_stages(method, cfg)
-        skipped += [f"{name}:{s}" for s in method.stages(cfg) if s not in stages]
-        if not stages:
-            continue
-        t0 = time.time()
-        data = method.build_data(cfg)
-        print(f"[gpu_step] {name}: data in {time.time() - t0:.1f}s; stages {', '.join(stages)}", flush=True)
-        for stage in stages:
-            for prec in precisions:
-                bench_stage(name, family, method, cfg, stage, data, prec, args, dev, sync, rows, ratios)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(FAMILIES))
+    if unknown:
+        print(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(FAMILIES)}", file=sys.stderr)
+        return 2
+    rows, ratios, skipped, failed = [], [], [], {}
+    for name in names:
+        # one method failing (its data, its model on this device) must not cost the others' figures:
+        # a GPU lease is short, and the failure is itself the finding
+        try:
+            family, method = load_family(name)
+            cfg = config(name, args)
+            stages = gradient_stages(method, cfg)
+            skipped += [f"{name}:{s}" for s in method.stages(cfg) if s not in stages]
+            if not stages:
+                continue
+            t0 = time.time()
+            data = method.build_data(cfg)
+            print(f"[gpu_step] {name}: data in {time.time() - t0:.1f}s; stages {', '.join(stages)}", flush=True)
+            for stage in stages:
+                for prec in precisions:
+                    bench_stage(name, family, method, cfg, stage, data, prec, args, dev, sync, rows, ratios)
+        except Exception as e:  # noqa: BLE001  (reported, and the exit status says so)
+            traceback.print_exc()
+            failed[name] = f"{type(e).__name__}: {e}"
+            print(f"[gpu_step] {name} FAILED: {failed[name]}", flush=True)
     assert sys.modules.get("ray") is None, "the benchmark imported Ray"
     extra = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
              "compile": args.compile, "steps": args.steps, "warmup": args.warmup, "overrides": args.set,
-             "skipped_stages": skipped}
+             "skipped_stages": skipped, "failed": failed}
     print(f"device: {extra['device']}; torch {torch.__version__}; compile {args.compile}; median of {args.steps} "
           f"steps; not per-batch gradient stages (skipped): {', '.join(skipped) or 'none'}")
     report("gpu_step" if dev.type == "cuda" else "gpu_step_cpu_smoke", rows, ratios, extra)
-    return 0
+    for name, why in failed.items():
+        print(f"FAILED {name}: {why}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -286,3 +286,27 @@ def test_gpu_step_cpu_smoke_runs_without_ray(tmp_path):
     assert all(row["bare_ms"] > 0 and row["method_ms"] > 0 and row["loop_ms"] > 0 for row in out["rows"])
     assert "relabel:relabel" in out["skipped_stages"]
     assert "ratio deocclusion_completion_bf16_loop_vs_method:" in r.stdout
+
+
+def test_gpu_step_names_a_failing_method_and_still_measures_the_others(tmp_path):
+    """On a GPU lease one broken method must not cost the others' figures (the first H200 run lost
+    every method after CD²'s channels-last error): the failure is named in the JSON and the exit
+    status, the next method is measured; an unknown method name is refused before anything runs."""
+    env = dict(os.environ, TRUSTLAB_BENCH_OUT=str(tmp_path), PYTHONWARNINGS="ignore")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import gpu_step\n"
+            "gpu_step.load_family('cd2')\n"
+            "from trustlab.methods.fscil import cd2\n"
+            "def boom(self, cfg): raise RuntimeError('planted failure')\n"
+            "cd2.CD2.build_data = boom\n"
+            "sys.exit(gpu_step.main(sys.argv[2:]))\n")
+    args = ["--cpu", "--steps", "1", "--warmup", "0", "--precisions", "fp32", "--root", str(tmp_path / "data")]
+    r = subprocess.run([sys.executable, "-c", code, os.path.join(REPO, "benchmarks"), *args, "--methods", "cd2,sdc"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    out = json.load(open(tmp_path / "gpu_step_cpu_smoke.json"))
+    assert out["failed"] == {"cd2": "RuntimeError: planted failure"}
+    assert {(row["method"], row["stage"]) for row in out["rows"]} == {("sdc", "base")}
+    assert "FAILED cd2: RuntimeError: planted failure" in r.stdout
+    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_step.py"), *args, "--methods", "sdc,nosuch"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "unknown method(s) nosuch" in r.stderr, r.stderr[-2000:]
