@@ -491,7 +491,7 @@ class WorkerContext:
         model = model.to(self.device)
         if self.channels_last:
             # only the convolutions: ``model.to(memory_format=...)`` would also convert every other
-            # 4-/5-D tensor, and a 5-D buffer (CD²'s exemplar memory) makes it raise on a GPU
+            # 4-/5-D tensor, and a 5-D buffer (a memory of exemplar images) makes it raise on a GPU
             for m in model.modules():
                 if isinstance(m, torch.nn.Conv2d):
                     m.to(memory_format=torch.channels_last)
