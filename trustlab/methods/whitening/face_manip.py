@@ -49,11 +49,11 @@ def face_sources(directory: str | None = None) -> tuple[tuple[np.ndarray, tuple[
     import skimage.data as skd
     from PIL import Image
 
+    from trustlab.platform.data.faces import cascade_path  # says what to install when this cv2 has no cascade
+
     d = directory or real_dir()
-    if not hasattr(cv2, "CascadeClassifier"):  # seen on an image whose cv2 was built without objdetect
-        raise ImportError(f"this OpenCV ({cv2.__file__}) has no CascadeClassifier, which finds the faces to "
-                          "manipulate: install opencv-python-headless")
-    casc = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml"))
+    path = cascade_path()  # before cv2.CascadeClassifier is looked up: it raises the clear error
+    casc = cv2.CascadeClassifier(path)
     out = []
 
     def detect(im):

@@ -218,11 +218,13 @@ def cascade_path(name: str = CASCADE) -> str:
 
     base = getattr(getattr(cv2, "data", None), "haarcascades", None)
     path = os.path.join(base, name) if base else ""
-    if not hasattr(cv2, "CascadeClassifier") or not path or not os.path.exists(path):
-        raise RuntimeError(
-            f"OpenCV {cv2.__version__} has no bundled Haar cascade {name!r} (OpenCV 5 removed them); "
-            "install opencv-python-headless<5 (e.g. 4.14.0.94)")
-    return path
+    if not hasattr(cv2, "CascadeClassifier"):  # seen on a GPU image whose cv2 was built without objdetect
+        what = "no CascadeClassifier"
+    elif not path or not os.path.exists(path):
+        what = f"no bundled Haar cascade {name!r} (OpenCV 5 removed them)"
+    else:
+        return path
+    raise RuntimeError(f"OpenCV {cv2.__version__} has {what}; install opencv-python-headless<5 (e.g. 4.14.0.94)")
 
 
 class FaceDetector(Detector):
@@ -240,7 +242,8 @@ class FaceDetector(Detector):
         import cv2
 
         self._cv2 = cv2
-        self.clf = cv2.CascadeClassifier(cascade_path(cascade))
+        path = cascade_path(cascade)  # first: with no CascadeClassifier in this cv2 it raises the clear error
+        self.clf = cv2.CascadeClassifier(path)
         if self.clf.empty():
             raise RuntimeError(f"could not load Haar cascade {cascade}")
         self.scale_factor = float(scale_factor)
