@@ -337,3 +337,24 @@ def test_in_memory_blend_without_a_second_face_says_where_faces_go(tmp_path, mon
             V.render_video(rng, 4, 32, "blend", 1.0)
     finally:
         V.face_bank.cache_clear()
+
+
+def test_data_plane_swap_without_a_second_face_is_refused_before_writing(tmp_path, monkeypatch):
+    """The data-plane generator agrees with the in-memory one: a face swap ('blend', 'warp') with
+    only the astronaut left is refused with where the faces go, before any video is written (it
+    used to blend the face with itself, silently); a set without swaps still builds."""
+    from trustlab.methods.video import synth_video as SV
+
+    monkeypatch.setenv("TRUSTLAB_SHARED", str(tmp_path / "empty"))  # no data/real under it
+    SV.face_patches.cache_clear()
+    try:
+        root = tmp_path / "sets"
+        with pytest.raises(ValueError, match="'warp' videos need at least two real faces.*TRUSTLAB_SHARED"):
+            build_synth_video_manifest(str(root), seed=0, n_videos_per_class=2, manipulations=["color", "warp"],
+                                       n_frames=4, size=48)
+        assert not root.exists() or not any(root.iterdir())
+        man = pd.read_csv(build_synth_video_manifest(str(root), seed=0, n_videos_per_class=2,
+                                                     manipulations=["color"], n_frames=4, size=48))
+        assert set(man["identity"]) == {"astronaut"} and len(man) == 4
+    finally:
+        SV.face_patches.cache_clear()

@@ -97,10 +97,9 @@ def render_video(rng: np.random.Generator, n_frames: int, size: int, manipulatio
     w = rng.uniform(0.15, 0.45, size=4)  # radians per frame: slow, smooth motion
     s = float(strength)
     if manipulation == "blend":
-        if len(bank) < 2:  # a donor must be another identity
-            raise ValueError(f"'blend' videos need at least two real faces and found {len(bank)} (scikit-image's "
-                             "astronaut): put the shared data's faces/*_aligned.png where $TRUSTLAB_SHARED/data/real "
-                             "or ../shared/data/real beside the repository holds them")
+        from trustlab.methods.video.synth_video import require_donors
+
+        require_donors(len(bank), manipulation)
         donor = bank[(k + 1 + rng.integers(len(bank) - 1)) % len(bank)].copy()
         donor = donor * rng.uniform(1 - 0.12 * s, 1 + 0.12 * s, size=3).astype(np.float32)
     elif manipulation not in ("none", "warp", "color"):

@@ -3,7 +3,8 @@
 Faces come from real photos that ship with the project or its packages: scikit-image's
 ``astronaut``, the six faces of ``../shared/data/real/multiface.jpg`` and the portraits in
 ``../shared/data/real/faces/*.jpg`` (located with the Haar cascade of `trustlab.platform.data.faces`). When
-the shared folder is absent only the astronaut is used.
+the shared folder is absent only the astronaut is used, and the face swaps (``blend``, ``warp``),
+which need a second identity, are refused.
 
 **Real** videos animate one face photo with smooth, natural camera/head motion: a slow drift of
 the face across the frame, a small in-plane rotation and zoom (each the sum of two sinusoids with
@@ -62,6 +63,15 @@ def shared_real_dir() -> str | None:
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     d = os.path.join(os.path.dirname(repo), "shared", "data", "real")
     return d if os.path.isdir(d) else None
+
+
+def require_donors(n_faces: int, manipulation: str) -> None:
+    """A face swap pastes another identity: with one real face (scikit-image's astronaut alone, the
+    shared faces missing) there is none, and a face blended with itself is not the planted artefact."""
+    if n_faces < 2:
+        raise ValueError(f"{manipulation!r} videos need at least two real faces and found {n_faces} (scikit-image's "
+                         "astronaut): put the shared data's faces where $TRUSTLAB_SHARED/data/real or "
+                         "../shared/data/real beside the repository holds them")
 
 
 def _load_rgb(path: str) -> np.ndarray:
@@ -302,6 +312,9 @@ def build_synth_video_manifest(root: str, seed: int = 0, n_videos_per_class: int
     if os.path.exists(man):
         return man
     faces = face_patches()
+    for m in manipulations:  # before any video is written
+        if m in SWAPS:
+            require_donors(len(faces), m)
     names = [n for n, _ in faces]
     n = int(n_videos_per_class)
     n_tr = int(round(fr[0] * n))
@@ -322,7 +335,7 @@ def build_synth_video_manifest(root: str, seed: int = 0, n_videos_per_class: int
                 manip = "none" if label == 0 else manipulations[i % len(manipulations)]
                 di = -1
                 if manip in SWAPS:
-                    di = int((ti + 1 + rng.integers(len(faces) - 1)) % len(faces)) if len(faces) > 1 else ti
+                    di = int((ti + 1 + rng.integers(len(faces) - 1)) % len(faces))
                 frames = camera_shift(render_video(rng, faces[ti][1], faces[di][1] if di >= 0 else None, manip,
                                                    int(n_frames), size, strength), shift)
                 vid = f"synth_{idx:05d}"
