@@ -115,3 +115,20 @@ def test_crop_cache_and_train_workers(ray_head, synth, tmp_path):
     # random clip offsets for training: the same (video, clip) rows, different frames each epoch
     assert seen["same_clips"] and seen["offsets_differ"]
     rep.close()
+
+
+def test_collect_gives_one_row_order_whatever_order_blocks_arrive(ray_head):
+    """The dataplane backend collects a split on the driver; its decoding actors finish blocks in
+    any order, so collect sorts rows by (video, clip): the trainer's seeded permutation then sees the
+    same rows in the same order and a seeded video run can repeat."""
+    import ray
+
+    from trustlab.methods.video.common import collect
+
+    rows = [{"x": np.full(2, i, np.uint8), "y": i % 2, "vid": i // 3, "clip": i % 3} for i in range(24)]
+    a = collect(ray.data.from_items(rows).random_shuffle(seed=1))
+    b = collect(ray.data.from_items(rows).random_shuffle(seed=2))
+    assert set(a) == {"x", "y", "vid", "clip"}
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    assert a["x"][:, 0].tolist() == list(range(24))  # (video, clip) order is the rows' own order here

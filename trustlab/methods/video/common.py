@@ -234,7 +234,9 @@ def backend(cfg: dict) -> str:
 
 
 def collect(ds, keys=("x", "y", "vid", "clip", "manipulation")) -> dict:
-    """A (small) Ray Dataset split as a dict of numpy arrays."""
+    """A (small) Ray Dataset split as a dict of numpy arrays, rows in (video, clip) order: the
+    decoding actors finish blocks in any order, and the trainer's seeded permutation repeats a run
+    only if the rows it permutes arrive in one order."""
     parts = list(ds.iter_batches(batch_size=256, batch_format="numpy"))
     parts = [p for p in parts if len(p.get("y", ())) > 0]
     if not parts:
@@ -244,6 +246,9 @@ def collect(ds, keys=("x", "y", "vid", "clip", "manipulation")) -> dict:
         if k in parts[0]:
             v = np.concatenate([np.asarray(p[k]) for p in parts])
             out[k] = v.astype(str) if v.dtype == object else v
+    if "vid" in out:
+        order = np.lexsort((out["clip"], out["vid"])) if "clip" in out else np.argsort(out["vid"], kind="stable")
+        out = {k: v[order] for k, v in out.items()}
     return out
 
 
