@@ -246,8 +246,8 @@ def collect(ds, keys=("x", "y", "vid", "clip", "manipulation")) -> dict:
         if k in parts[0]:
             v = np.concatenate([np.asarray(p[k]) for p in parts])
             out[k] = v.astype(str) if v.dtype == object else v
-    if "vid" in out:
-        order = np.lexsort((out["clip"], out["vid"])) if "clip" in out else np.argsort(out["vid"], kind="stable")
+    if "vid" in out and "clip" in out:  # the data plane's splits always carry both
+        order = np.lexsort((out["clip"], out["vid"]))
         out = {k: v[order] for k, v in out.items()}
     return out
 
