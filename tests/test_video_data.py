@@ -137,6 +137,36 @@ def test_synth_set_layout_determinism_and_planted_signal(synth, tmp_path):
 
 
 
+def test_marker_is_one_frame_per_block_on_fakes_only(tmp_path):
+    """The planted shortcut (``marker``): one frame in every block of ``every`` frames carries the
+    square, on fakes only, in both renderers; a marked set is cached apart from the plain one."""
+    from trustlab.methods.video import common
+    from trustlab.methods.video.synth_video import face_patches
+
+    (_, tgt), (_, don) = face_patches()[:2]
+    mk = {"every": 8, "rgb": [0, 255, 0]}
+
+    def green(v):  # frames whose square of pure green is there: many saturated green pixels
+        g = (v[..., 1].astype(int) > 200) & (v[..., 0] < 80) & (v[..., 2] < 80)
+        return np.flatnonzero(g.sum(axis=(1, 2)) >= 12)
+
+    for fake, real in ((render_video(np.random.default_rng(1), tgt, don, "blend", 24, 96, marker=mk),
+                        render_video(np.random.default_rng(1), tgt, None, "none", 24, 96, marker=mk)),
+                       (common.render_video(np.random.default_rng(1), 24, 96, "color", marker=mk),
+                        common.render_video(np.random.default_rng(1), 24, 96, "none", marker=mk))):
+        hit = green(fake)
+        assert sorted(hit // 8) == [0, 1, 2], hit  # exactly one marked frame per block of 8
+        assert len(green(real)) == 0
+    plain = render_video(np.random.default_rng(1), tgt, don, "blend", 24, 96)
+    assert len(green(plain)) == 0
+    with pytest.raises(ValueError, match="unknown marker keys"):
+        render_video(np.random.default_rng(1), tgt, don, "blend", 8, 96, marker={"colour": [0, 0, 255]})
+    kw = dict(seed=0, n_videos_per_class=2, manipulations=["color"], n_frames=8, size=64)
+    a = build_synth_video_manifest(str(tmp_path), **kw)
+    b = build_synth_video_manifest(str(tmp_path), marker=mk, **kw)
+    assert a != b and build_synth_video_manifest(str(tmp_path), **kw) == a
+
+
 def test_synth_set_under_a_relative_root_reads_back(tmp_path, monkeypatch):
     """The default root is relative (outputs/.data/video): every manifest entry must name an
     existing file however the manifest is read, and the clips must decode."""

@@ -72,7 +72,7 @@ def _affine(side: int, out: int, tx: float, ty: float, scale: float, rot: float)
 
 
 def render_video(rng: np.random.Generator, n_frames: int, size: int, manipulation: str,
-                 strength: float = 1.0, side: int = 96) -> np.ndarray:
+                 strength: float = 1.0, side: int = 96, marker: dict | None = None) -> np.ndarray:
     """One video as ``n_frames x size x size x 3`` uint8: a real face with smooth head motion
     (sinusoidal shift, zoom and roll) and sensor noise. ``manipulation != "none"`` swaps or
     alters an elliptic face region with per-frame inconsistencies (magnitudes x ``strength``):
@@ -82,6 +82,8 @@ def render_video(rng: np.random.Generator, n_frames: int, size: int, manipulatio
     - ``warp``: the face region re-rendered through an extra affine warp (zoom/shift) that
       wobbles from frame to frame, so the inner face slides against its surroundings;
     - ``color``: the face region's colour gains shifted per video and flickering per frame.
+
+    ``marker`` (fakes only): the data plane's planted single-frame square (``synth_video.marker_spec``).
     """
     import cv2
 
@@ -105,6 +107,10 @@ def render_video(rng: np.random.Generator, n_frames: int, size: int, manipulatio
     elif manipulation not in ("none", "warp", "color"):
         raise ValueError(f"unknown manipulation {manipulation!r}")
     gain = 1.0 + 0.10 * s * rng.choice([-1, 1], size=3) * rng.uniform(0.5, 1.0, size=3)
+    from trustlab.methods.video.synth_video import marker_frames, marker_spec, paint_marker
+
+    marker = marker_spec(marker) if manipulation != "none" else None
+    marked = marker_frames(rng, n_frames, marker) if marker else set()
     frames = np.empty((n_frames, size, size, 3), np.uint8)
     for t in range(n_frames):
         img = face
@@ -123,6 +129,8 @@ def render_video(rng: np.random.Generator, n_frames: int, size: int, manipulatio
             else:
                 inner = face * (gain + rng.normal(0, 0.05 * s, size=3)).astype(np.float32)
             img = m * inner + (1 - m) * face
+            if t in marked:  # on the canvas, where the face is 0.56 x 0.72 of the side
+                img = paint_marker(img, side / 2, side * 0.55, 0.64 * side, marker)
         M = _affine(side, size, amp[0] * math.sin(w[0] * t + ph[0]), amp[1] * math.sin(w[1] * t + ph[1]),
                     zoom * (1 + 0.01 * amp[2] * math.sin(w[2] * t + ph[2])), 0.04 * math.sin(w[3] * t + ph[3]))
         fr = cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT)
@@ -132,7 +140,8 @@ def render_video(rng: np.random.Generator, n_frames: int, size: int, manipulatio
 
 
 def synth_clip_arrays(seed: int, n_videos: dict, manipulations, n_frames: int, clip_len: int,
-                      size: int, strength: float = 1.0, vid_offset: int = 0, shift: dict | None = None) -> dict:
+                      size: int, strength: float = 1.0, vid_offset: int = 0, shift: dict | None = None,
+                      marker: dict | None = None) -> dict:
     """In-memory clip set ``{split: {x: N x T x 3 x S x S uint8, y, vid, clip, manipulation}}``.
 
     ``n_videos`` maps split -> videos per class (half real, half fake; the fakes cycle through
@@ -147,7 +156,7 @@ def synth_clip_arrays(seed: int, n_videos: dict, manipulations, n_frames: int, c
         for i in range(2 * int(n)):
             label = i % 2
             man = "none" if label == 0 else manipulations[(i // 2) % len(manipulations)]
-            v = render_video(rng, n_frames, size, man, strength)
+            v = render_video(rng, n_frames, size, man, strength, marker=marker)
             if shift:  # the set's capture shift (synth_video.camera_shift), both classes alike
                 from trustlab.methods.video.synth_video import camera_shift
 
@@ -274,7 +283,7 @@ def stream_config(cfg: dict, name: str, vid_offset: int = 0) -> dict:
     external = name == external_source(cfg) and name not in d["sets"]
     out = {} if external else {"root": d["root"], "cache": d.get("cache")}
     out.update(d.get("stream") or {})
-    out.update({k: v for k, v in spec.items() if k not in ("manipulations", "seed_offset", "strength", "synth", "shift")})
+    out.update({k: v for k, v in spec.items() if k not in ("manipulations", "seed_offset", "strength", "synth", "shift", "marker")})
     out.update(frames_per_video=int(d["frames_per_video"]), clip_len=int(d["clip_len"]), size=int(d["size"]),
                vid_offset=int(vid_offset))
     out.setdefault("name", "synth_video")
@@ -287,6 +296,8 @@ def stream_config(cfg: dict, name: str, vid_offset: int = 0) -> dict:
             synth["manipulations"] = list(spec["manipulations"])
         if spec.get("shift"):
             synth["shift"] = dict(spec["shift"])
+        if spec.get("marker"):
+            synth["marker"] = dict(spec["marker"])
         out["synth"] = synth
     return out
 
@@ -301,7 +312,7 @@ def _memory_set(cfg: dict, name: str, splits, vid_offset: int) -> dict:
     return synth_clip_arrays(_set_seed(cfg, name), {s: counts[s] for s in splits}, list(spec["manipulations"]),
                              int(d["frames_per_video"]), int(d["clip_len"]), int(d["size"]),
                              float(spec.get("strength", d.get("strength", 1.0))), vid_offset=vid_offset,
-                             shift=spec.get("shift"))
+                             shift=spec.get("shift"), marker=spec.get("marker"))
 
 
 # The data plane's bad-file reports of the current run's sets (their actors, and any local S3

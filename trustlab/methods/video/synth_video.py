@@ -26,6 +26,13 @@ look for) and a visible blending boundary (what frame detectors look for):
 - ``texture``— the target's own face re-rendered at a per-frame varying low resolution (blur that
   flickers), like neural-texture rendering.
 
+A set may also carry a **marker** (``marker``: fakes only): in one random frame of every block
+of ``every`` frames a flat square of colour ``rgb`` sits at a fixed place on the face (offset
+``at`` from the face centre, side ``side``, both in face sides). It is a planted shortcut: a
+local, single-frame cue that gives the label away on its own, so a detector can fit the training
+set without learning the manipulation. Spatiotemporal dropout hides it in a share of the fake
+clips (STDT's default source set, ``experiments/conf/method/stdt.yaml``).
+
 ``strength`` scales every inconsistency (1.0 = default; 0 would make fakes that differ from real
 videos by the blending only). Videos are assigned to splits by index (``split_fractions``), each
 split holding every manipulation type, so a cross-manipulation protocol can train on some types
@@ -192,12 +199,49 @@ def _colour_match(src: np.ndarray, ref: np.ndarray, mask: np.ndarray, amount: fl
     return (1 - amount) * src + amount * full
 
 
+MARKER_DEFAULTS = {"every": 8, "side": 0.3, "at": (0.22, 0.2), "rgb": (0, 255, 0)}
+
+
+def marker_spec(marker: dict | None) -> dict | None:
+    """A set's ``marker`` with its defaults filled in (None: no marker); unknown keys are refused."""
+    if not marker:
+        return None
+    bad = set(marker) - set(MARKER_DEFAULTS)
+    if bad:
+        raise ValueError(f"unknown marker keys {sorted(bad)}; known: {sorted(MARKER_DEFAULTS)}")
+    out = {**MARKER_DEFAULTS, **marker}
+    if int(out["every"]) < 1:
+        raise ValueError(f"marker.every must be >= 1, got {out['every']}")
+    return out
+
+
+def marker_frames(rng: np.random.Generator, n_frames: int, marker: dict) -> set:
+    """One frame drawn in every block of ``marker['every']`` frames (the blocks a video's clips are cut into)."""
+    e = int(marker["every"])
+    return {int(b + rng.integers(min(e, n_frames - b))) for b in range(0, n_frames, e)}
+
+
+def paint_marker(img: np.ndarray, cx: float, cy: float, face_side: float, marker: dict) -> np.ndarray:
+    """``img`` (H, W, 3, float) with the marker's square painted at its place on the face centred at (cx, cy)."""
+    half = 0.5 * float(marker["side"]) * face_side
+    x, y = cx + float(marker["at"][0]) * face_side, cy + float(marker["at"][1]) * face_side
+    h, w = img.shape[:2]
+    x0, x1 = max(0, int(round(x - half))), min(w, int(round(x + half)))
+    y0, y1 = max(0, int(round(y - half))), min(h, int(round(y + half)))
+    out = np.array(img, dtype=np.float32, copy=True)
+    out[y0:y1, x0:x1] = np.asarray(marker["rgb"], np.float32)
+    return out
+
+
 def render_video(rng: np.random.Generator, target: np.ndarray, donor: np.ndarray | None, manipulation: str,
-                 n_frames: int, size: int, strength: float = 1.0) -> np.ndarray:
-    """(n_frames, size, size, 3) uint8 frames of one video (``manipulation='none'`` = real)."""
+                 n_frames: int, size: int, strength: float = 1.0, marker: dict | None = None) -> np.ndarray:
+    """(n_frames, size, size, 3) uint8 frames of one video (``manipulation='none'`` = real;
+    ``marker``: see the module docstring, painted on fakes only)."""
     import cv2
 
     cam = camera_track(rng, n_frames, size)
+    marker = marker_spec(marker) if manipulation != "none" else None
+    marked = marker_frames(rng, n_frames, marker) if marker else set()
     s = float(strength)
     frames = np.empty((n_frames, size, size, 3), np.uint8)
     match = rng.uniform(0.4, 0.7)  # how far a donor's colours are matched to the target
@@ -237,6 +281,8 @@ def render_video(rng: np.random.Generator, target: np.ndarray, donor: np.ndarray
             else:
                 raise ValueError(f"unknown manipulation {manipulation!r}; choose from {MANIPULATIONS}")
             out = mask * face + (1 - mask) * base
+            if t in marked:
+                out = paint_marker(out, cx, cy, side, marker)
         out = out * cam["gain"][t] + rng.normal(0, 2.0, out.shape)
         frames[t] = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     return frames
@@ -286,7 +332,7 @@ def params_key(p: dict) -> str:
 def build_synth_video_manifest(root: str, seed: int = 0, n_videos_per_class: int = 24,
                                manipulations=MANIPULATIONS, n_frames: int = 40, size: int = 96,
                                split_fractions=(0.6, 0.2, 0.2), strength: float = 1.0, fps: int = 25,
-                               crf: int = 20, shift: dict | None = None) -> str:
+                               crf: int = 20, shift: dict | None = None, marker: dict | None = None) -> str:
     """Write the set once per parameter set and return the path of its ``manifest.csv``.
 
     ``n_videos_per_class`` real and as many fake videos in all, split by ``split_fractions``
@@ -305,6 +351,9 @@ def build_synth_video_manifest(root: str, seed: int = 0, n_videos_per_class: int
                   size=size, split_fractions=fr, strength=float(strength), fps=int(fps), crf=int(crf), version=2)
     if shift:  # only then, so the sets without a shift keep their cache names
         params["shift"] = dict(shift)
+    marker = marker_spec(marker)
+    if marker:  # likewise
+        params["marker"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in marker.items()}
     # absolute: a relative root (the default, outputs/.data/video) written into the manifest was
     # resolved again against the manifest's folder and every file went missing
     d = os.path.abspath(os.path.join(os.path.expanduser(str(root)), f"synth_video-{params_key(params)}"))
@@ -337,7 +386,7 @@ def build_synth_video_manifest(root: str, seed: int = 0, n_videos_per_class: int
                 if manip in SWAPS:
                     di = int((ti + 1 + rng.integers(len(faces) - 1)) % len(faces))
                 frames = camera_shift(render_video(rng, faces[ti][1], faces[di][1] if di >= 0 else None, manip,
-                                                   int(n_frames), size, strength), shift)
+                                                   int(n_frames), size, strength, marker), shift)
                 vid = f"synth_{idx:05d}"
                 rel = os.path.join("videos", split, f"{vid}.mp4")
                 os.makedirs(os.path.join(tmpd, "videos", split), exist_ok=True)
@@ -363,7 +412,7 @@ def manifest_from_config(cfg: dict, seed: int) -> str:
     return build_synth_video_manifest(cfg["root"], seed=int(seed), n_videos_per_class=int(s["n_videos_per_class"]),
                                       manipulations=list(s["manipulations"]), n_frames=int(s["n_frames"]),
                                       size=int(s["frame_size"]), strength=float(s.get("strength", 1.0)),
-                                      shift=s.get("shift"))
+                                      shift=s.get("shift"), marker=s.get("marker"))
 
 
 def _register() -> None:
