@@ -50,6 +50,42 @@ def test_sample_indices_uniform_clips_and_offsets():
     assert len(short) == 8 and short.max() == 4  # a short video repeats its last frame
 
 
+def test_training_clip_starts_repeat_per_seed_and_change_per_pass(synth):
+    """``train_starts=seeded`` (the default): a training video's clip starts come from (seed, video,
+    pass), so two fresh runs cut the same frames (and an empty crop cache fills alike), while a
+    second pass over a video in one decoding actor draws new starts; ``fresh`` does not repeat."""
+    from trustlab.platform.data.video import ClipMaker, _key, _meta, resolve_manifest, split_frame, video_data_config
+
+    root, _ = synth
+
+    def frames(maker, uris):
+        return np.concatenate([maker({"path": np.asarray([_key(u)], dtype=object),
+                                      "bytes": np.asarray([open(u, "rb").read()], dtype=object)})["frames"] for u in uris])
+
+    def makers(**kw):
+        cfg = video_data_config(data_cfg(root, **kw))
+        df, _, _ = resolve_manifest(cfg, 3)
+        d = split_frame(df, "train", cfg)
+        return (lambda: ClipMaker(_meta(d), cfg, True, 3)), list(dict.fromkeys(d["uri"]))
+
+    new, uris = makers()
+    assert len(uris) >= 8
+    first = frames(new(), uris)
+    np.testing.assert_array_equal(first, frames(new(), uris))  # a new actor, the same starts
+    m = new()
+    frames(m, uris)
+    assert not np.array_equal(first, frames(m, uris))  # the same actor's second pass: new starts
+    via = np.concatenate([b["frames"] for b in iter_clips(data_cfg(root), "train", seed=3)])
+    np.testing.assert_array_equal(first, via)  # the in-process path draws alike
+    centres = np.tile(sample_indices(SMALL["n_frames"], CLIPS["frames_per_video"], CLIPS["clip_len"]).reshape(-1, 4),
+                      (len(uris), 1))
+    assert not np.array_equal(first, centres)  # drawn, not the eval centres
+    fresh, _ = makers(train_starts="fresh")
+    assert not np.array_equal(frames(fresh(), uris), frames(fresh(), uris))
+    with pytest.raises(ValueError, match="train_starts"):
+        makers(train_starts="random")[0]()
+
+
 def test_decode_sampled_matches_full_decode(synth):
     import av
 

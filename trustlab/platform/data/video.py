@@ -97,6 +97,7 @@ DEFAULTS = {
     "scale_factor": 1.1,         # haar only: cascade scaleFactor of whole-frame passes (1.2: ~40% faster, misses more)
     "min_neighbors": 5,          # haar only: cascade minNeighbors
     "relaxed_neighbors": 3,      # haar only: minNeighbors accepted when none reaches min_neighbors (same pass; null = off)
+    "train_starts": "seeded",    # training clips' start frames: seeded (drawn from the seed, the video and how often this decoding actor has cut it: runs repeat, an empty crop cache fills alike) | fresh (new entropy per decoding actor: uncached streamed runs see new starts every epoch, runs do not repeat)
     "cache": None,               # Parquet crop cache (local folder or s3://); null = decode every epoch
     "num_decoders": 2,           # max actors decoding in parallel (ActorPoolStrategy max_size)
     "decode_cpus": 0.5,          # CPUs reserved per decoding actor
@@ -537,8 +538,23 @@ class ClipMaker:
             gc.collect()
             gc.freeze()
         self.detector = face_detector(cfg)
-        # train: fresh entropy per actor (a new actor pool runs each epoch) -> new offsets per epoch
-        self.rng = np.random.default_rng() if self.train else None
+        starts = str(cfg.get("train_starts", DEFAULTS["train_starts"]))
+        if starts not in ("seeded", "fresh"):
+            raise ValueError(f"data.train_starts must be seeded or fresh, got {starts!r}")
+        self.seeded = starts == "seeded"
+        # fresh: new entropy per actor (a new actor pool runs each epoch) -> new offsets per epoch
+        self.rng = np.random.default_rng() if self.train and not self.seeded else None
+        self._cuts: dict = {}  # video -> times this actor has cut it (a second pass draws new starts)
+
+    def _train_rng(self, key: str, vid: int):
+        """The start-frame draw of one training video: seeded by (seed, video, pass) or the actor's own."""
+        if not self.train:
+            return None
+        if not self.seeded:
+            return self.rng
+        n = self._cuts.get(key, 0)
+        self._cuts[key] = n + 1
+        return np.random.default_rng([self.seed % 2**63, int(vid), n])
 
     def _send(self, method: str, *args) -> None:
         if self.sink is None:
@@ -563,7 +579,7 @@ class ClipMaker:
             split = metas[0]["split"]
             data = bytes(data) if data is not None else b""
             try:
-                rng = self.rng if self.train else None
+                rng = self._train_rng(_key(str(path)), metas[0]["vid"])
                 crops, frames, ft = video_clips(data, cfg, self.detector, self.train, rng)
             except Exception as e:  # noqa: BLE001 - any decoder failure marks the file bad
                 n_bad += len(metas)
