@@ -32,8 +32,11 @@ Nothing is materialised: each pass streams files -> clips -> batches.
 Sampling (``sample_indices``): ``frames_per_video`` = N frames are decoded per video, as
 K = N // T clips of T = ``clip_len`` frames spaced ``stride`` frames apart. The video's valid
 clip starts are cut into K equal segments; val/test take the centre of each segment
-(deterministic), train a uniformly random start inside it (a fresh draw every epoch, since every
-pass over a Ray dataset re-executes it; ``seed`` only fixes val/test). With T = 1 this is the
+(deterministic), train a uniformly random start inside it. ``train_starts=seeded`` (the default)
+draws it from (``seed``, video, pass), so runs repeat even from an empty crop cache; a pass that
+re-executes the dataset in new actors restarts the pass count, so an uncached streamed run sees the
+same starts every epoch, as a cached one does. ``fresh`` draws anew in each decoding actor (new
+starts per streamed epoch; runs do not repeat). With T = 1 this is the
 field's "N uniform frames per video"; N = 32 is the common choice, the CPU defaults use 16.
 
 Bad files: zero-byte, truncated, corrupt and non-video files are skipped and counted; ``uri``
