@@ -53,7 +53,8 @@ def test_sample_indices_uniform_clips_and_offsets():
 def test_training_clip_starts_repeat_per_seed_and_change_per_pass(synth):
     """``train_starts=seeded`` (the default): a training video's clip starts come from (seed, video,
     pass), so two fresh runs cut the same frames (and an empty crop cache fills alike), while a
-    second pass over a video in one decoding actor draws new starts; ``fresh`` does not repeat."""
+    second pass over a video draws new starts, also when a new actor cuts it (the run's report
+    counts the passes); ``fresh`` does not repeat."""
     from trustlab.platform.data.video import ClipMaker, _key, _meta, resolve_manifest, split_frame, video_data_config
 
     root, _ = synth
@@ -74,7 +75,19 @@ def test_training_clip_starts_repeat_per_seed_and_change_per_pass(synth):
     np.testing.assert_array_equal(first, frames(new(), uris))  # a new actor, the same starts
     m = new()
     frames(m, uris)
-    assert not np.array_equal(first, frames(m, uris))  # the same actor's second pass: new starts
+    second = frames(m, uris)
+    assert not np.array_equal(first, second)  # the same actor's second pass: new starts
+    # each streamed epoch runs new actors: the run's report counts the passes they share
+    from trustlab.platform.data.video import _LocalReport
+
+    make, sink = new, _LocalReport()
+    epochs = []
+    for _ in range(2):
+        mk = make()
+        mk.sink = sink
+        epochs.append(frames(mk, uris))
+    np.testing.assert_array_equal(epochs[0], first)
+    np.testing.assert_array_equal(epochs[1], second)
     via = np.concatenate([b["frames"] for b in iter_clips(data_cfg(root), "train", seed=3)])
     np.testing.assert_array_equal(first, via)  # the in-process path draws alike
     centres = np.tile(sample_indices(SMALL["n_frames"], CLIPS["frames_per_video"], CLIPS["clip_len"]).reshape(-1, 4),

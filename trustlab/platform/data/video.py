@@ -33,10 +33,10 @@ Sampling (``sample_indices``): ``frames_per_video`` = N frames are decoded per v
 K = N // T clips of T = ``clip_len`` frames spaced ``stride`` frames apart. The video's valid
 clip starts are cut into K equal segments; val/test take the centre of each segment
 (deterministic), train a uniformly random start inside it. ``train_starts=seeded`` (the default)
-draws it from (``seed``, video, pass), so runs repeat even from an empty crop cache; a pass that
-re-executes the dataset in new actors restarts the pass count, so an uncached streamed run sees the
-same starts every epoch, as a cached one does. ``fresh`` draws anew in each decoding actor (new
-starts per streamed epoch; runs do not repeat). With T = 1 this is the
+draws it from (``seed``, video, pass), so runs repeat even from an empty crop cache; the pass (how
+often the run has cut that video before) is counted by the run's report actor, which outlives the
+new decoding actors of each epoch, so an uncached streamed run sees new starts every epoch (a cached
+one keeps the starts of the pass that wrote it). ``fresh`` draws anew in each decoding actor. With T = 1 this is the
 field's "N uniform frames per video"; N = 32 is the common choice, the CPU defaults use 16.
 
 Bad files: zero-byte, truncated, corrupt and non-video files are skipped and counted; ``uri``
@@ -100,7 +100,7 @@ DEFAULTS = {
     "scale_factor": 1.1,         # haar only: cascade scaleFactor of whole-frame passes (1.2: ~40% faster, misses more)
     "min_neighbors": 5,          # haar only: cascade minNeighbors
     "relaxed_neighbors": 3,      # haar only: minNeighbors accepted when none reaches min_neighbors (same pass; null = off)
-    "train_starts": "seeded",    # training clips' start frames: seeded (drawn from the seed, the video and how often this decoding actor has cut it: runs repeat, an empty crop cache fills alike) | fresh (new entropy per decoding actor: uncached streamed runs see new starts every epoch, runs do not repeat)
+    "train_starts": "seeded",    # training clips' start frames: seeded (drawn from the seed, the video and its pass in this run: runs repeat, an empty crop cache fills alike, each streamed epoch draws anew) | fresh (new entropy per decoding actor: runs do not repeat)
     "cache": None,               # Parquet crop cache (local folder or s3://); null = decode every epoch
     "num_decoders": 2,           # max actors decoding in parallel (ActorPoolStrategy max_size)
     "decode_cpus": 0.5,          # CPUs reserved per decoding actor
@@ -370,6 +370,15 @@ class _LocalReport:
         self.bad: dict = {}
         self.stats: dict = {}
         self.faces: dict = {}
+        self.cuts: dict = {}  # video -> training passes that cut it (not cleared by reset: seeds the starts)
+
+    def next_pass(self, keys: list) -> list:
+        """How often each training video was cut before in this run (its pass number), counted up."""
+        out = []
+        for k in keys:
+            out.append(self.cuts.get(k, 0))
+            self.cuts[k] = out[-1] + 1
+        return out
 
     def add_bad(self, split: str, uri: str, reason: str) -> None:
         e = self.bad.setdefault((split, uri), {"split": split, "uri": uri, "reason": reason, "count": 0})
@@ -547,17 +556,29 @@ class ClipMaker:
         self.seeded = starts == "seeded"
         # fresh: new entropy per actor (a new actor pool runs each epoch) -> new offsets per epoch
         self.rng = np.random.default_rng() if self.train and not self.seeded else None
-        self._cuts: dict = {}  # video -> times this actor has cut it (a second pass draws new starts)
+        # seeded: a pass number per video, counted by the run's report (the one store every epoch's
+        # new actors share), else by this actor
+        self._own = _LocalReport()
 
-    def _train_rng(self, key: str, vid: int):
+    def _passes(self, keys: list) -> list:
+        if not (self.train and self.seeded):
+            return [None] * len(keys)
+        fn = getattr(self.sink, "next_pass", None)
+        if fn is None:
+            return self._own.next_pass(keys)
+        if hasattr(fn, "remote"):
+            import ray
+
+            return ray.get(fn.remote(keys))
+        return fn(keys)
+
+    def _train_rng(self, vid: int, n: int | None):
         """The start-frame draw of one training video: seeded by (seed, video, pass) or the actor's own."""
         if not self.train:
             return None
         if not self.seeded:
             return self.rng
-        n = self._cuts.get(key, 0)
-        self._cuts[key] = n + 1
-        return np.random.default_rng([self.seed % 2**63, int(vid), n])
+        return np.random.default_rng([self.seed % 2**63, int(vid), int(n)])
 
     def _send(self, method: str, *args) -> None:
         if self.sink is None:
@@ -575,14 +596,15 @@ class ClipMaker:
         t, size = max(1, int(cfg["clip_len"])), int(cfg["size"])
         parts: list[dict] = []
         stats, n_ok, n_bad, split, issues = ClipStats(), 0, 0, None, []
-        for path, data in zip(batch["path"], batch["bytes"]):
+        passes = self._passes([_key(str(p)) for p in batch["path"]])
+        for path, data, n_pass in zip(batch["path"], batch["bytes"], passes):
             metas = self.meta.get(_key(str(path)))
             if not metas:
                 raise KeyError(f"{path} is not in the manifest")
             split = metas[0]["split"]
             data = bytes(data) if data is not None else b""
             try:
-                rng = self._train_rng(_key(str(path)), metas[0]["vid"])
+                rng = self._train_rng(metas[0]["vid"], n_pass)
                 crops, frames, ft = video_clips(data, cfg, self.detector, self.train, rng)
             except Exception as e:  # noqa: BLE001 - any decoder failure marks the file bad
                 n_bad += len(metas)
