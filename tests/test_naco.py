@@ -153,7 +153,7 @@ def test_detects_real_and_fake_clips_end_to_end_and_ssl_is_what_helps(tmp_path):
     >= SSL off + 0.1 in-domain and + 0.15 on the mean cross-domain AUC, >= TCM off + 0.03
     in-domain, and the tcm_gap rising by >= 0.02. With the SSL weights 0 in the full run the
     test fails (0.826 < 0.9)."""
-    base = ["method.data.strength=1.0",  # measured at the generator's full strength, before the default halved it
+    base = ["method.data.strength=1.0",  # measured at the generator's full strength, before the default lowered it
             "method.data.n_videos_per_class=60", "method.data.frames_per_video=16", "method.batch_size=8",
             f"method.data.root={tmp_path}", "method.data.cache=null", "method.epochs.pretrain_ssl=12",
             "method.epochs.finetune_head=12"]
