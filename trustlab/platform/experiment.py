@@ -8,6 +8,7 @@ A run folder ``<run.root>/<run.name>/`` holds ``config.yaml`` (resolved), ``metr
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 from trustlab.platform import checkpoints as ck
@@ -122,11 +123,15 @@ def train_ablations(cfg: dict, method, model, data, name: str, run_dir: str, met
     endpoint = cfg["run"].get("s3_endpoint")
 
     def fit(cfg2, stages, init_state, tag):
-        init = cfg2["method"].get("init_from")
+        init, tmp = cfg2["method"].get("init_from"), None
         if init_state is not None:
-            init = ck.temp_dir()
+            init = tmp = ck.temp_dir()
             ck.save_state(init, model=init_state, stage="init", epoch=0)
-        _, _, last = fit_stages(cfg2, stages, data, f"{name}-abl-{tag}", run_dir, init_from=init)
+        try:
+            _, _, last = fit_stages(cfg2, stages, data, f"{name}-abl-{tag}", run_dir, init_from=init)
+        finally:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
         return load_model(cfg2, ck.load_state(last, endpoint))[1]
 
     def score(cfg2, m2, tag):

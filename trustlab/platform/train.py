@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import queue
 import threading
 import time
@@ -583,7 +584,7 @@ class WorkerContext:
             return
         import ray.train
 
-        ckpt = None
+        ckpt, d = None, None
         if self.rank == 0 and model is not None:
             if isinstance(optimizer, dict):
                 opt_state = {k: o.state_dict() for k, o in optimizer.items()}
@@ -594,7 +595,11 @@ class WorkerContext:
             ck.save_state(d, model=ck.unwrap(model).state_dict(), optimizer=opt_state, epoch=epoch,
                           step=self.done, stage=self.stage, metrics=metrics, cfg=self.cfg, **extra)
             ckpt = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=ckpt)
+        try:
+            ray.train.report(metrics, checkpoint=ckpt)
+        finally:  # report persists the checkpoint (synchronous upload) before it returns: the staging copy can go
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def detection_validation(method, model, cfg, batches, ctx: WorkerContext) -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -636,7 +637,11 @@ def run_ablations(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
             init_from = ck.temp_dir()
             ck.save_state(init_from, model=keep, stage="init", epoch=0)
         print(f"[ablation] {variant}: stages {stages}, overrides {spec.get('overrides')}", flush=True)
-        _, _, last = fit_stages(cfg2, stages, data, f"{cfg['run']['name']}-abl-{variant}", run_dir, init_from=init_from)
+        try:
+            _, _, last = fit_stages(cfg2, stages, data, f"{cfg['run']['name']}-abl-{variant}", run_dir, init_from=init_from)
+        finally:
+            if init_from:
+                shutil.rmtree(init_from, ignore_errors=True)
         state = ck.load_state(last, cfg["run"].get("s3_endpoint"))
         _, m2 = load_model(cfg2, state)
         res = evaluate_protocol(method, m2, data, cfg2)
