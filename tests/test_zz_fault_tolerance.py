@@ -305,12 +305,14 @@ def test_node_lost_mid_epoch_elastic_run_resumes_on_what_is_left(ray_head, tmp_p
     # policy counts the workers a node's *total* resources fit, so this is what makes the group
     # shrink to one worker when the second node is gone.
     node = start_worker_node(ray_head, num_cpus=head_cpus)
-    # the module's F2C set (12 steps per worker per epoch, 32-pixel images); elastic 1..2 workers
+    # F2C at twice the module's set (24 steps per worker per epoch, 32-pixel images: at 12, 1.6 s per
+    # epoch, Ray Train once wrote its checkpoint snapshot only after the last epoch and no kill came);
+    # elastic 1..2 workers
     # spread over the nodes, one failure tolerated, every checkpoint kept, every step logged. Ray
     # Train's elastic policy sees the cluster's nodes as its autoscaling coordinator last read them
     # (every 20 s), so the first restart may still ask for the lost node's worker: a short start
     # timeout (45 s) retries it with what is left instead of waiting out trustlab's 600 s default.
-    ov = ["method=f2c", *ci_overrides("f2c"), "method.data.n_train=768", "method.data.n_test=256",
+    ov = ["method=f2c", *ci_overrides("f2c"), "method.data.n_train=1536", "method.data.n_test=256",
           f"method.data.root={data_root}", "trainer.epochs=3", "trainer.num_workers=2", "trainer.min_workers=1",
           f"trainer.cpus_per_worker={head_cpus}", "trainer.threads_per_worker=1",
           "trainer.placement_strategy=SPREAD", "trainer.max_failures=1", "trainer.start_timeout_s=45",
