@@ -76,5 +76,7 @@ def load_ray_checkpoint(ckpt) -> dict:
         return torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)
 
 
-def temp_dir() -> str:
-    return tempfile.mkdtemp(prefix="trustlab-ckpt-")
+def temp_dir() -> tempfile.TemporaryDirectory:
+    """A staging folder for a checkpoint, removed when its ``with`` block ends (Ray has persisted a
+    reported checkpoint by then; left in place they filled /tmp by ~60 GB in a day of runs)."""
+    return tempfile.TemporaryDirectory(prefix="trustlab-ckpt-", ignore_cleanup_errors=True)

@@ -7,8 +7,8 @@ A run folder ``<run.root>/<run.name>/`` holds ``config.yaml`` (resolved), ``metr
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import time
 
 from trustlab.platform import checkpoints as ck
@@ -123,15 +123,11 @@ def train_ablations(cfg: dict, method, model, data, name: str, run_dir: str, met
     endpoint = cfg["run"].get("s3_endpoint")
 
     def fit(cfg2, stages, init_state, tag):
-        init, tmp = cfg2["method"].get("init_from"), None
-        if init_state is not None:
-            init = tmp = ck.temp_dir()
-            ck.save_state(init, model=init_state, stage="init", epoch=0)
-        try:
+        staged = ck.temp_dir() if init_state is not None else contextlib.nullcontext(cfg2["method"].get("init_from"))
+        with staged as init:
+            if init_state is not None:
+                ck.save_state(init, model=init_state, stage="init", epoch=0)
             _, _, last = fit_stages(cfg2, stages, data, f"{name}-abl-{tag}", run_dir, init_from=init)
-        finally:
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
         return load_model(cfg2, ck.load_state(last, endpoint))[1]
 
     def score(cfg2, m2, tag):

@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import queue
 import threading
 import time
@@ -584,22 +583,20 @@ class WorkerContext:
             return
         import ray.train
 
-        ckpt, d = None, None
-        if self.rank == 0 and model is not None:
-            if isinstance(optimizer, dict):
-                opt_state = {k: o.state_dict() for k, o in optimizer.items()}
-            else:
-                opt_state = optimizer.state_dict() if optimizer is not None else None
-            d = ck.temp_dir()
-            extra = {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
-            ck.save_state(d, model=ck.unwrap(model).state_dict(), optimizer=opt_state, epoch=epoch,
-                          step=self.done, stage=self.stage, metrics=metrics, cfg=self.cfg, **extra)
-            ckpt = ray.train.Checkpoint.from_directory(d)
-        try:
+        saves = self.rank == 0 and model is not None
+        # report persists the checkpoint (synchronous upload) before it returns: the staging copy can go
+        with ck.temp_dir() if saves else contextlib.nullcontext() as d:
+            ckpt = None
+            if saves:
+                if isinstance(optimizer, dict):
+                    opt_state = {k: o.state_dict() for k, o in optimizer.items()}
+                else:
+                    opt_state = optimizer.state_dict() if optimizer is not None else None
+                extra = {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+                ck.save_state(d, model=ck.unwrap(model).state_dict(), optimizer=opt_state, epoch=epoch,
+                              step=self.done, stage=self.stage, metrics=metrics, cfg=self.cfg, **extra)
+                ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
-        finally:  # report persists the checkpoint (synchronous upload) before it returns: the staging copy can go
-            if d is not None:
-                shutil.rmtree(d, ignore_errors=True)
 
 
 def detection_validation(method, model, cfg, batches, ctx: WorkerContext) -> dict:

@@ -21,9 +21,9 @@ machine without Ray.
 from __future__ import annotations
 
 import functools
+import contextlib
 import math
 import os
-import shutil
 
 import numpy as np
 import torch
@@ -631,17 +631,12 @@ def run_ablations(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
         kind = ablation.kind_of(spec)  # a misspelt kind fails before anything trains
         cfg2 = ablation.variant_config(cfg, spec)
         stages = list(spec.get("stages") or method.stages(cfg2))
-        init_from = None
         keep = ablation.inherited_state(model, spec)
-        if keep is not None:
-            init_from = ck.temp_dir()
-            ck.save_state(init_from, model=keep, stage="init", epoch=0)
         print(f"[ablation] {variant}: stages {stages}, overrides {spec.get('overrides')}", flush=True)
-        try:
+        with ck.temp_dir() if keep is not None else contextlib.nullcontext() as init_from:
+            if keep is not None:
+                ck.save_state(init_from, model=keep, stage="init", epoch=0)
             _, _, last = fit_stages(cfg2, stages, data, f"{cfg['run']['name']}-abl-{variant}", run_dir, init_from=init_from)
-        finally:
-            if init_from:
-                shutil.rmtree(init_from, ignore_errors=True)
         state = ck.load_state(last, cfg["run"].get("s3_endpoint"))
         _, m2 = load_model(cfg2, state)
         res = evaluate_protocol(method, m2, data, cfg2)

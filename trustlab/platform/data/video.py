@@ -563,14 +563,9 @@ class ClipMaker:
     def _passes(self, keys: list) -> list:
         if not (self.train and self.seeded):
             return [None] * len(keys)
-        fn = getattr(self.sink, "next_pass", None)
-        if fn is None:
+        if self.sink is None:
             return self._own.next_pass(keys)
-        if hasattr(fn, "remote"):
-            import ray
-
-            return ray.get(fn.remote(keys))
-        return fn(keys)
+        return self._send("next_pass", keys)
 
     def _train_rng(self, vid: int, n: int | None):
         """The start-frame draw of one training video: seeded by (seed, video, pass) or the actor's own."""
@@ -580,16 +575,16 @@ class ClipMaker:
             return self.rng
         return np.random.default_rng([self.seed % 2**63, int(vid), int(n)])
 
-    def _send(self, method: str, *args) -> None:
+    def _send(self, method: str, *args):
+        """Call the sink (the report actor or an in-process report) and return its answer."""
         if self.sink is None:
-            return
+            return None
         fn = getattr(self.sink, method)
         if hasattr(fn, "remote"):
             import ray
 
-            ray.get(fn.remote(*args))
-        else:
-            fn(*args)
+            return ray.get(fn.remote(*args))
+        return fn(*args)
 
     def __call__(self, batch: dict) -> dict:
         cfg = self.cfg
