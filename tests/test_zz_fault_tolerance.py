@@ -35,11 +35,12 @@ from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAM
 from conftest import BIN, REPO, _pids_using, ci_overrides, compose, free_port, stop_pids, with_descendants
 
 EPOCHS = 3
-# F2C's CI run with epochs long enough to be interrupted (12 steps per worker per epoch), a
+# F2C's CI run with epochs long enough to be interrupted (24 steps per worker per epoch: at 12, ~2 s per
+# epoch, Ray Train once wrote its checkpoint snapshot only after the last epoch and no kill came), a
 # learning rate low enough that validation AUC still climbs every epoch (so the model selected at
 # the end is one trained after the kill), a larger test split for a steadier comparison, every
 # checkpoint kept so the epochs written can be counted, one tolerated failure, every step logged
-BASE = ["method=f2c", *ci_overrides("f2c"), "method.data.n_train=768", "method.data.n_test=256",
+BASE = ["method=f2c", *ci_overrides("f2c"), "method.data.n_train=1536", "method.data.n_test=256",
         f"trainer.epochs={EPOCHS}", "trainer.lr=0.00003", "trainer.num_workers=2",
         "trainer.cpus_per_worker=0.5", "trainer.max_failures=1", "trainer.keep_checkpoints=null",
         "trainer.log_every=1"]
