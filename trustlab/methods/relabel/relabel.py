@@ -360,6 +360,35 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
 
 
+def reject_spec(cfg: dict) -> dict | None:
+    """``method.blackbox.reject`` of the digits CNN (None when off, or when the black box is
+    external: its training is not ours)."""
+    bb = cfg["method"]["blackbox"]
+    if bb.get("checkpoint") or bb.get("timm") or not bb.get("reject"):
+        return None
+    rj = bb["reject"]
+    lo, hi = (float(v) for v in rj["std"])
+    if not (0 <= lo <= hi) or not 0 < float(rj["fraction"]) <= 1:
+        raise ValueError(f"method.blackbox.reject needs 0 <= std[0] <= std[1] and 0 < fraction <= 1, got {dict(rj)}")
+    return {"fraction": float(rj["fraction"]), "std": (lo, hi)}
+
+
+def with_reject_examples(x: torch.Tensor, y: torch.Tensor, spec: dict, reject_class: int):
+    """The default black box's planted off-manifold behaviour: noisy copies of the first
+    ``fraction`` of a batch (Gaussian pixel noise, std uniform in ``spec["std"]``, clipped to
+    [0, 1]) labelled ``reject_class``, as a deployed classifier with a reject output for
+    corrupted inputs is trained. Digits never carry such noise, so on the data the output is
+    silent; a neighbourhood of pixel noise mostly probes it instead of the digit evidence,
+    while VAE neighbours stay on the digit manifold (what the latent perturbation is for)."""
+    m = int(round(len(x) * spec["fraction"]))
+    if m == 0:
+        return x, y
+    lo, hi = spec["std"]
+    std = lo + (hi - lo) * torch.rand(m, *([1] * (x.dim() - 1)), device=x.device)
+    noisy = (x[:m] + std * torch.randn_like(x[:m])).clamp(0, 1)
+    return torch.cat([x, noisy]), torch.cat([y, torch.full((m,), reject_class, dtype=y.dtype, device=y.device)])
+
+
 # ----------------------------------------------------------------------------- Ray stage: relabel
 def _explain_metrics(model, arrays: dict, cfg: dict, idx: np.ndarray, seed: int, with_baselines: bool):
     m = cfg["method"]
@@ -379,6 +408,13 @@ def _explain_metrics(model, arrays: dict, cfg: dict, idx: np.ndarray, seed: int,
     for name, a in maps.items():
         out[name] = A.deletion_insertion(model.probs, x, c, a, base, ecfg.get("steps"))
     return out, maps, rl, x, c, nb, seed
+
+
+@torch.no_grad()
+def _reject_share(model, nb: dict, reject_class: int) -> float:
+    """Share of a neighbourhood's samples the black box sends to its reject output."""
+    xs = nb["xs"]
+    return float((model.probs(xs.reshape(-1, *xs.shape[2:])).argmax(1) == reject_class).float().mean())
 
 
 def relabel_worker_loop(config: dict) -> None:
@@ -463,7 +499,7 @@ class Relabel:
 
     def build_model(self, cfg: dict, stage: str) -> nn.Module:
         shape, k = self._shape(cfg)
-        return RelabelModel(cfg, shape, k)
+        return RelabelModel(cfg, shape, k + (1 if reject_spec(cfg) else 0))  # the reject output comes last
 
     def configure_optimizer(self, model, cfg, stage, steps_per_epoch=None):
         sub = model.blackbox if stage == "blackbox" else model.vae
@@ -473,9 +509,13 @@ class Relabel:
     def loss_step(self, model, batch, stage, cfg, step=None):
         x = _as_float(batch["x"])
         if stage == "blackbox":
+            y = batch["y"]
+            rj = reject_spec(cfg)
+            if rj:
+                x, y = with_reject_examples(x, y, rj, self._shape(cfg)[1])
             logits = model.blackbox(x)
-            loss = F.cross_entropy(logits, batch["y"])
-            return {"loss": loss, "acc": (logits.argmax(1) == batch["y"]).float().mean()}
+            loss = F.cross_entropy(logits, y)
+            return {"loss": loss, "acc": (logits.argmax(1) == y).float().mean()}
         if stage == "vae":
             model.blackbox.eval()
             return model.vae.loss(x, float(cfg["method"]["vae"]["beta"]))
@@ -526,6 +566,9 @@ class Relabel:
             # a timm classifier's classes are not the data set's labels: no accuracy to report
             acc = float("nan") if m["blackbox"].get("timm") else \
                 float((model.probs(xt).argmax(1).numpy() == np.asarray(te["y"])).mean())
+            rj = reject_spec(cfg)
+            reject_class = self._shape(cfg)[1] if rj else None
+            rejected = float((model.probs(xt).argmax(1) == reject_class).float().mean()) if rj else float("nan")
             torch.manual_seed(seed)
             vae = model.vae.loss(xt, float(m["vae"]["beta"]))
             mu, _ = model.vae.encode(xt)
@@ -541,7 +584,8 @@ class Relabel:
         base = A.baseline_image(x, rcfg.get("baseline", "zero"))
         abl = {}
         other = "pixel" if rcfg.get("perturb", "latent") == "latent" else "latent"
-        e_pix = explain(model, x, rcfg, seeds, perturb=other)
+        nb_pix = neighbourhood(model, x, rcfg, seeds, perturb=other)
+        e_pix = distil(nb_pix, x, rcfg)
         abl[f"relabel_{other}_perturbation"] = e_pix["contribution"]
         e_hard = distil(nb, x, rcfg, hard_weight=1.0)  # same neighbours, hard labels only
         abl["relabel_hard_labels_only"] = e_hard["contribution"]
@@ -563,16 +607,24 @@ class Relabel:
                      "vae": {"recon_mse": recon_mse, "mean_image_mse": mean_mse, "elbo_loss": float(vae["loss"])},
                      "relabel": {"label_shift_rate": float(rl["shift_rate"].mean()),
                                  "student_agreement": float(rl["student_agreement"].mean()),
-                                 "mean_radius": float(rl["radius"].mean())}},
+                                 "mean_radius": float(rl["radius"].mean()),
+                                 f"{other}_label_shift_rate": float(e_pix["shift_rate"].mean())}},
             "baselines": {k: {"test": {"image": v}} for k, v in summary.items() if k != "relabel"},
             "ablation": ab,
         }
+        if rj:  # the planted reject output: how often it fires on clean test digits and on each neighbourhood
+            metrics["reject"] = {"test_digits": rejected, "neighbours": {
+                k: _reject_share(model, v, reject_class) for k, v in ((rcfg.get("perturb", "latent"), nb), (other, nb_pix))}}
         try:
             self._plots(cfg, x, c, maps, rl, res, run_dir)
         except Exception as e:  # plots are a convenience; never lose the metrics over them
             print(f"[relabel] plotting failed: {e}", flush=True)
         lines = [f"relabel — explanations of {n} test images (black-box test acc {acc:.4f}; VAE recon MSE "
                  f"{recon_mse:.4f} vs mean image {mean_mse:.4f}); deletion AUC lower is better, insertion higher"]
+        if rj:
+            r = metrics["reject"]
+            lines.append(f"  reject output fires on {r['test_digits']:.3f} of clean test digits; on neighbours: "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in r["neighbours"].items()))
         for k in ["relabel"] + [k for k in summary if k != "relabel"]:
             lines.append(f"  {k:<28} deletion {summary[k]['deletion_auc']:.4f}  insertion {summary[k]['insertion_auc']:.4f}")
         for k, v in ab.items():
