@@ -37,7 +37,10 @@ LIME-style, random) on the same images, and reports deletion / insertion AUCs, t
 test accuracy, the VAE's reconstruction error, ablations (pixel-space perturbations instead of
 the VAE latent; hard labels only; ranking by raw weights), ``heatmaps.png``, ``deletion.png``
 and ``insertion.png``.
-Default data: scikit-learn's digits (8 x 8, shipped with scikit-learn), split by seed.
+Default data: scikit-learn's digits (8 x 8, shipped with scikit-learn), split by seed. The default
+black box (``method.blackbox.reject``) also has a reject output trained on noisy copies of the
+digits: silent on the data, it is what pixel-noise neighbours mostly probe, the planted signal the
+latent neighbourhood is meant to avoid (``with_reject_examples``; figures in docs/results.md).
 """
 from __future__ import annotations
 
