@@ -288,3 +288,21 @@ def test_latent_neighbours_beat_pixel_noise_where_the_black_box_reacts_to_noise(
     assert r["pixel_rejected"] > 0.5 and r["latent_rejected"] < 0.25, r  # the planted behaviour, as intended
     assert r["pixel"] >= 1.25 * r["latent"], out  # the VAE neighbourhood explains the decision better (1.40x)
     assert r["pixel"] / r["latent"] > p["pixel"] / p["latent"] + 0.3, out  # and the planted output is why (1.40 vs 0.80)
+
+
+def test_reject_examples_are_noisy_copies_labelled_reject_and_bad_specs_are_refused(cfg):
+    spec = R.reject_spec(cfg)
+    x = torch.rand(8, 1, 8, 8)
+    y = torch.arange(8)
+    torch.manual_seed(0)
+    xb, yb = R.with_reject_examples(x, y, spec, 10)
+    m = int(round(8 * spec["fraction"]))
+    assert xb.shape == (8 + m, 1, 8, 8) and torch.equal(xb[:8], x) and torch.equal(yb[:8], y)
+    assert bool((yb[8:] == 10).all()) and bool((xb >= 0).all() and (xb <= 1).all())
+    noise = (xb[8:] - x[:m]).abs().mean()
+    assert float(noise) > 0.01, noise  # the copies differ from the digits they were made from
+    bad = compose(["method=relabel", "method.blackbox.reject.std=[0.3,0.1]"])
+    with pytest.raises(ValueError, match="reject"):
+        R.reject_spec(bad)
+    assert R.reject_spec(compose(["method=relabel", "method.blackbox.reject=null"])) is None
+    assert R.reject_spec(compose(["method=relabel", "method.blackbox.checkpoint=/nowhere"])) is None  # not ours to train
