@@ -175,3 +175,21 @@ def test_a_methods_own_ablations_are_judged_on_its_declared_figure(tmp_path):
     assert g["gaps"] == pytest.approx({"relabel_pixel_perturbation": -0.03, "relabel_hard_labels_only": 0.03})
     assert lines == ["ablations judged on test.image.deletion_auc (lower is better): main 0.0800, "
                      "smallest margin -0.0300 (over relabel_pixel_perturbation)"], lines
+
+
+def test_staged_state_is_an_init_checkpoint_for_the_block_and_gone_after():
+    """What an ablation inherits from the main model reaches ``fit_stages`` as an ``init``
+    checkpoint in a staging folder (``ck.staged_state``), removed once the variant has trained."""
+    import os
+
+    import torch
+
+    from trustlab.platform import checkpoints as ck
+
+    state = {"w": torch.arange(3.0)}
+    with ck.staged_state(state) as d:
+        loaded = ck.load_state(d)
+        assert loaded["stage"] == "init" and torch.equal(loaded["model"]["w"], state["w"])
+    assert not os.path.exists(d)
+    with ck.staged_state(None) as none:
+        assert none is None

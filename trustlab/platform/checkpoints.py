@@ -4,6 +4,7 @@ An exported model folder (``trustlab.platform.runs``) may hold ``model.safetenso
 the config in ``config.yaml`` beside it; ``load_state`` reads both the same way."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -80,3 +81,15 @@ def temp_dir() -> tempfile.TemporaryDirectory:
     """A staging folder for a checkpoint, removed when its ``with`` block ends (Ray has persisted a
     reported checkpoint by then; left in place they filled /tmp by ~60 GB in a day of runs)."""
     return tempfile.TemporaryDirectory(prefix="trustlab-ckpt-", ignore_cleanup_errors=True)
+
+
+@contextlib.contextmanager
+def staged_state(state: dict | None):
+    """``state`` (a model state dict) saved as an ``init`` checkpoint in a staging folder for the
+    ``with`` block, which yields the folder (removed after); yields None without a state."""
+    if state is None:
+        yield None
+        return
+    with temp_dir() as d:
+        save_state(d, model=state, stage="init", epoch=0)
+        yield d

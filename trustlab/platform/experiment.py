@@ -7,7 +7,6 @@ A run folder ``<run.root>/<run.name>/`` holds ``config.yaml`` (resolved), ``metr
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -123,10 +122,8 @@ def train_ablations(cfg: dict, method, model, data, name: str, run_dir: str, met
     endpoint = cfg["run"].get("s3_endpoint")
 
     def fit(cfg2, stages, init_state, tag):
-        staged = ck.temp_dir() if init_state is not None else contextlib.nullcontext(cfg2["method"].get("init_from"))
-        with staged as init:
-            if init_state is not None:
-                ck.save_state(init, model=init_state, stage="init", epoch=0)
+        with ck.staged_state(init_state) as staged:
+            init = staged or cfg2["method"].get("init_from")
             _, _, last = fit_stages(cfg2, stages, data, f"{name}-abl-{tag}", run_dir, init_from=init)
         return load_model(cfg2, ck.load_state(last, endpoint))[1]
 

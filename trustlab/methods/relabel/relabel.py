@@ -567,11 +567,11 @@ class Relabel:
         with torch.no_grad():
             xt = _as_float(torch.from_numpy(np.asarray(te["x"])))
             # a timm classifier's classes are not the data set's labels: no accuracy to report
-            acc = float("nan") if m["blackbox"].get("timm") else \
-                float((model.probs(xt).argmax(1).numpy() == np.asarray(te["y"])).mean())
+            pred = model.probs(xt).argmax(1)
+            acc = float("nan") if m["blackbox"].get("timm") else float((pred.numpy() == np.asarray(te["y"])).mean())
             rj = reject_spec(cfg)
             reject_class = self._shape(cfg)[1] if rj else None
-            rejected = float((model.probs(xt).argmax(1) == reject_class).float().mean()) if rj else float("nan")
+            rejected = float((pred == reject_class).float().mean()) if rj else float("nan")
             torch.manual_seed(seed)
             vae = model.vae.loss(xt, float(m["vae"]["beta"]))
             mu, _ = model.vae.encode(xt)

@@ -21,7 +21,6 @@ machine without Ray.
 from __future__ import annotations
 
 import functools
-import contextlib
 import math
 import os
 
@@ -633,9 +632,7 @@ def run_ablations(method, cfg: dict, model, data: dict, run_dir: str) -> dict:
         stages = list(spec.get("stages") or method.stages(cfg2))
         keep = ablation.inherited_state(model, spec)
         print(f"[ablation] {variant}: stages {stages}, overrides {spec.get('overrides')}", flush=True)
-        with ck.temp_dir() if keep is not None else contextlib.nullcontext() as init_from:
-            if keep is not None:
-                ck.save_state(init_from, model=keep, stage="init", epoch=0)
+        with ck.staged_state(keep) as init_from:
             _, _, last = fit_stages(cfg2, stages, data, f"{cfg['run']['name']}-abl-{variant}", run_dir, init_from=init_from)
         state = ck.load_state(last, cfg["run"].get("s3_endpoint"))
         _, m2 = load_model(cfg2, state)
