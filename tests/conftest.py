@@ -167,6 +167,41 @@ def ci_overrides(method: str) -> list[str]:
     return list(y.get("ci_overrides", []))
 
 
+def orphans(address: str) -> dict:
+    """What a dead driver left on the cluster: actors (not detached) and placement groups (not
+    detached) of jobs the GCS marks dead. Ray fate-shares both with their job, so none should
+    exist; a driver killed by SIGKILL mid-trial has left a TrainController holding its workers'
+    group (CI, stop 32: the resumed sweep waited 600 s for workers and every later Ray test starved)."""
+    import ray
+    from ray.util.state import list_actors, list_placement_groups
+
+    dead = {j["JobID"] for j in ray._private.state.jobs() if j["IsDead"]}
+    actors = [a for a in list_actors(address=address, limit=1000, detail=True, raise_on_missing_output=False)
+              if a.state != "DEAD" and not a.is_detached and a.job_id in dead]
+    groups = [g for g in list_placement_groups(address=address, limit=1000, detail=True,
+                                               raise_on_missing_output=False)
+              if g.state != "REMOVED" and not g.is_detached and g.creator_job_id in dead]
+    return {"actors": actors, "groups": groups}
+
+
+def end_orphans(address: str) -> list[str]:
+    """End :func:`orphans` (actors by PID, groups through the GCS); returns what was ended, one
+    line each, so a test can say what it had to clean."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    found = orphans(address)
+    ended = [f"actor {a.class_name} pid {a.pid} of dead job {a.job_id} ({a.state})" for a in found["actors"]]
+    stop_pids([int(a.pid) for a in found["actors"] if a.pid], timeout=5)
+    for g in found["groups"]:
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(g.placement_group_id))))
+            ended.append(f"placement group {g.placement_group_id} of dead job {g.creator_job_id} ({g.state})")
+        except Exception as e:  # already gone between the listing and now
+            ended.append(f"placement group {g.placement_group_id}: not removed ({e})")
+    return ended
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_train_controllers(request):
     """Between tests no Ray Train run is active, yet a finished run's TrainController actor can
@@ -181,6 +216,8 @@ def _no_leftover_train_controllers(request):
                                  filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")]):
                 if a.pid:
                     stop_pids([int(a.pid)], timeout=5)
+            for line in end_orphans(head["address"]):
+                print(f"[conftest] ended before {request.node.name}: {line}")
         except Exception as e:  # the state API is best effort; never fail a test here
             print(f"[conftest] could not check for leftover Train controllers: {e}")
     yield
