@@ -206,7 +206,8 @@ def end_orphans(address: str) -> list[str]:
 def _no_leftover_train_controllers(request):
     """Between tests no Ray Train run is active, yet a finished run's TrainController actor can
     linger (seen after a resumed run) and keep its worker placement group, starving the next
-    test's workers. Before each test on the session cluster, end such leftovers by PID."""
+    test's workers. Before each test on the session cluster, end such leftovers by PID, and
+    whatever a dead driver's job left (:func:`end_orphans`)."""
     if "ray_head" in request.fixturenames:
         head = request.getfixturevalue("ray_head")
         try:

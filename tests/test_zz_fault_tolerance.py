@@ -490,8 +490,6 @@ def test_tune_resume_after_driver_killed(ray_head, tmp_path):
     """Kill the sweep's driver by PID once a trial has finished; tune.resume=true completes the
     sweep without rerunning the finished trial."""
     import glob
-    import signal
-    import time
 
     args = [sys.executable, os.path.join(REPO, "experiments", "run.py"), "method=f2c", *ci_overrides("f2c"),
             "trainer.cpus_per_worker=0.5", "mode=tune", "run.name=resume",
