@@ -36,6 +36,9 @@ def test_config_and_ci_overrides_compose():
     src, tgts = V.protocol(compose(["method=stdt"]))
     sets = compose(["method=stdt"])["method"]["data"]["sets"]
     assert tgts and all(set(sets[t]["manipulations"]).isdisjoint(sets[src]["manipulations"]) for t in tgts)
+    # the planted shortcut: on the source only, one marked frame in every clip (its block = the clip)
+    d = compose(["method=stdt"])["method"]["data"]
+    assert sets[src]["marker"]["every"] == d["clip_len"] and not any(sets[t].get("marker") for t in tgts)
 
 
 def test_shapes_and_bag_embeddings():

@@ -31,7 +31,7 @@ of ``every`` frames a flat square of colour ``rgb`` sits at a fixed place on the
 ``at`` from the face centre, side ``side``, both in face sides). It is a planted shortcut: a
 local, single-frame cue that gives the label away on its own, so a detector can fit the training
 set without learning the manipulation. Spatiotemporal dropout hides it in a share of the fake
-clips (an STDT experiment in docs/results.md; no default set carries one).
+clips: STDT's default source carries one (its YAML and docs/results.md say why).
 
 ``strength`` scales every inconsistency (1.0 = default; 0 would make fakes that differ from real
 videos by the blending only). Videos are assigned to splits by index (``split_fractions``), each
