@@ -33,11 +33,12 @@ def test_config_and_ci_overrides_compose():
     cfg = compose(["method=stdt", *ci_overrides("stdt")])
     assert cfg["method"]["name"] == "stdt" and get_method("stdt").stage_epochs(cfg, "train") == 1
     assert get_method("stdt").stages(cfg) == ["train"]
-    src, tgts = V.protocol(compose(["method=stdt"]))
-    sets = compose(["method=stdt"])["method"]["data"]["sets"]
+    default = compose(["method=stdt"])
+    src, tgts = V.protocol(default)
+    d = default["method"]["data"]
+    sets = d["sets"]
     assert tgts and all(set(sets[t]["manipulations"]).isdisjoint(sets[src]["manipulations"]) for t in tgts)
     # the planted shortcut: on the source only, one marked frame in every clip (its block = the clip)
-    d = compose(["method=stdt"])["method"]["data"]
     assert sets[src]["marker"]["every"] == d["clip_len"] and not any(sets[t].get("marker") for t in tgts)
 
 
