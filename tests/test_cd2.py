@@ -98,13 +98,14 @@ def test_cd2_beats_its_ablations_and_the_prototype_baseline_on_digits_in_process
     """Without Ray, on digits (4 base + 3 x 2-way 5-shot; the same base model every time): CD²
     against the frozen-encoder prototype (NCM) baseline, fine-tuning, and each module off —
     DDM off (``ddm.steps=0``: the memory is K random real images, not distilled ones) and DCM
-    off (``dcm.alpha=dcm.beta=0``). Measured last-session accuracy (%): CD² 66.2, prototype
-    61.4, fine-tune 13.0 (issue 17), DDM off 58.6, DCM off 64.4, both off 58.4. Asserted: CD² >=
-    prototype + 3, >= DDM off + 4, >= DCM off + 1, >= fine-tune + 10. With both modules off
-    (58.4) the prototype assertion fails. Caveat (docs/results.md): this is seed 0's model. DDM's
-    gain holds on every seed and protocol tried (average +2.9 to +8.8), but DCM's sign and the
-    prototype comparison follow the seed (seeds 1-2: DCM -1.2 / +1.2, prototype level or better),
-    so the DCM and prototype assertions pin this seed's result rather than prove the constraint."""
+    off (``dcm.alpha=dcm.beta=0``). Sessions of 2000 steps with ``dcm.alpha`` 10 (the defaults
+    since 2026-12-05). Measured last-session accuracy (%): CD² 68.4, prototype 61.4, fine-tune
+    13.0, DDM off 62.6, DCM off 64.6; average over the sessions CD² 83.41, DCM off 81.34,
+    DDM off 79.36. Asserted: last CD² >= prototype + 3, >= DDM off + 4, >= DCM off + 3,
+    >= fine-tune + 10, and average >= DCM off + 1.5. With DCM off in the main model the DCM
+    assertions fail (equal figures); at the old defaults (100 session steps, alpha 1: last
+    66.2 vs DCM off 64.4) the last-session DCM assertion fails. One process, seeds 1-2 of the
+    same protocol: DCM adds +3.78 / +4.25 to the average (docs/results.md)."""
     t0 = time.time()
     m, cfg, data, model, p, acc = _cd2_last_session()
     ft = engine.finetune_baseline(m.base_encoder(model), m.base_classifier(model), data, p, 100, 1e-3, 1)
@@ -119,5 +120,6 @@ def test_cd2_beats_its_ablations_and_the_prototype_baseline_on_digits_in_process
           f"ddm off {np.round(no_ddm, 2)} dcm off {np.round(no_dcm, 2)} in {time.time() - t0:.1f}s")
     assert acc[-1] >= proto[-1] + 3.0, (acc, proto)
     assert acc[-1] >= no_ddm[-1] + 4.0, (acc, no_ddm)
-    assert acc[-1] >= no_dcm[-1] + 1.0, (acc, no_dcm)
+    assert acc[-1] >= no_dcm[-1] + 3.0, (acc, no_dcm)
+    assert np.mean(acc) >= np.mean(no_dcm) + 1.5, (acc, no_dcm)
     assert acc[-1] >= ft[-1] + 10.0, (acc, ft)
