@@ -250,16 +250,19 @@ class CD2:
         mine = [c for i, c in enumerate(classes) if i % ctx.world == ctx.rank]
         out = {}
         if mine:
-            gen = torch.Generator().manual_seed(int(cfg["seed"]) * 7919 + int(mine[0]))
+            # one generator per class, so a class's starting images (and the real exemplars of
+            # `ddm.steps: 0`) do not depend on how many workers share the classes
+            gens = [torch.Generator().manual_seed(int(cfg["seed"]) * 7919 + int(c)) for c in mine]
             xf, yt = as_float(x), torch.as_tensor(y)
             feats = encode(model.backbone, xf)
             targets = torch.stack([feats[yt == c].mean(0) for c in mine])
             if dd["init"] == "real":
-                init = torch.stack([xf[yt == c][torch.randperm(int((yt == c).sum()), generator=gen)[:k]] for c in mine])
-                if init.shape[1] < k:
+                if min(int((yt == c).sum()) for c in mine) < k:
                     raise ValueError(f"ddm.k={k} exceeds the real images available per class")
+                init = torch.stack([xf[yt == c][torch.randperm(int((yt == c).sum()), generator=g)[:k]]
+                                    for c, g in zip(mine, gens)])
             else:
-                init = torch.rand((len(mine), k) + tuple(xf.shape[1:]), generator=gen)
+                init = torch.stack([torch.rand((k,) + tuple(xf.shape[1:]), generator=g) for g in gens])
             imgs, hist = ddm_synthesize(model.backbone, targets, init, int(dd["steps"]), float(dd["lr"]),
                                         float(dd["momentum"]), head, torch.as_tensor(mine), float(dd["guide"]))
             out = {"classes": mine, "images": imgs, "start": hist[0] * len(mine), "end": hist[-1] * len(mine)}
