@@ -257,10 +257,10 @@ class CD2:
             feats = encode(model.backbone, xf)
             targets = torch.stack([feats[yt == c].mean(0) for c in mine])
             if dd["init"] == "real":
-                if min(int((yt == c).sum()) for c in mine) < k:
+                rows = [xf[yt == c] for c in mine]
+                if min(len(r) for r in rows) < k:
                     raise ValueError(f"ddm.k={k} exceeds the real images available per class")
-                init = torch.stack([xf[yt == c][torch.randperm(int((yt == c).sum()), generator=g)[:k]]
-                                    for c, g in zip(mine, gens)])
+                init = torch.stack([r[torch.randperm(len(r), generator=g)[:k]] for r, g in zip(rows, gens)])
             else:
                 init = torch.stack([torch.rand((k,) + tuple(xf.shape[1:]), generator=g) for g in gens])
             imgs, hist = ddm_synthesize(model.backbone, targets, init, int(dd["steps"]), float(dd["lr"]),
