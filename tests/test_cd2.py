@@ -129,21 +129,21 @@ def test_cd2_beats_its_ablations_and_the_prototype_baseline_on_digits_in_process
     """Without Ray, on digits (4 base + 3 x 2-way 5-shot; the same base model every time): CD²
     against the frozen-encoder prototype (NCM) baseline, fine-tuning, and each module off —
     DDM off (``ddm.steps=0``: the memory is K random real images, not distilled ones) and DCM
-    off (``dcm.alpha=dcm.beta=0``). Sessions of 2000 steps with ``dcm.alpha`` 10 (the defaults
-    since 2026-12-05), one generator per class for the memory's starting images (since
-    2026-12-05, fifth session). Measured last-session accuracy (%): CD² 69.4, prototype 61.4,
-    fine-tune 13.0, DDM off 64.4, DCM off 65.0; average over the sessions CD² 82.71, DDM off
-    79.91, DCM off 81.56. Asserted: last CD² >= prototype + 3, >= DDM off + 4, >= DCM off + 3,
-    >= fine-tune + 10; average >= DDM off + 1.5 and >= DCM off + 0.5 (session 1 goes to DCM off
-    here, 94.0 vs 92.7). With DCM off in the main model the DCM assertions fail (equal figures),
-    as do the DDM ones with DDM off. One process, seeds 1-4 of the same protocol: DDM adds
-    +4.16 / +5.28 / +4.80 / +4.93 to the average, DCM +3.60 / +4.03 / +3.37 / +4.50
+    off (``dcm.alpha=dcm.beta=0``). The default data: 30 % of the training images have a 4 x 4
+    block zeroed (``method.data.occluded``, since 2026-12-05, sixth session), so random real
+    exemplars often keep a hidden digit. Measured (%), last session / average over the sessions:
+    CD² 64.0 / 80.38, prototype 58.4 / 76.48, fine-tune 14.0, DDM off 56.8 / 74.95, DCM off
+    64.0 / 78.92 (DCM's gain here is in sessions 1-2: 91.0 / 68.0 against 86.7 / 66.5).
+    Asserted: last CD² >= prototype + 3, >= DDM off + 4, >= fine-tune + 10; average >= DDM off
+    + 3 and >= DCM off + 0.75. With DCM off in the main model the DCM assertion fails (equal
+    figures), as do the DDM ones with DDM off. Through Ray on seeds 0-4 DDM adds +5.93 / +3.82 /
+    +17.31 / +6.58 / +1.90 to the average and DCM +3.62 / +5.56 / +5.98 / +2.23 / +1.13
     (docs/results.md)."""
     t0 = time.time()
     m, cfg, data, model, p, acc = _cd2_last_session()
     ft = engine.finetune_baseline(m.base_encoder(model), m.base_classifier(model), data, p, 100, 1e-3, 1)
     proto = engine.prototype_baseline(m.base_encoder(model), data, p)
-    assert acc[0] == ft[0] == proto[0] > 90.0  # same base model
+    assert acc[0] == ft[0] > 90.0 and proto[0] > 90.0  # same base model (the prototypes score it their own way)
     assert bool(model.memory_ready.all()) and model.memory.shape[:2] == (10, 2)
     # the backbone stayed frozen: session heads differ, backbone is the base one
     assert not torch.equal(model.heads[0].fc.weight, model.heads[3].fc.weight)
@@ -153,7 +153,6 @@ def test_cd2_beats_its_ablations_and_the_prototype_baseline_on_digits_in_process
           f"ddm off {np.round(no_ddm, 2)} dcm off {np.round(no_dcm, 2)} in {time.time() - t0:.1f}s")
     assert acc[-1] >= proto[-1] + 3.0, (acc, proto)
     assert acc[-1] >= no_ddm[-1] + 4.0, (acc, no_ddm)
-    assert acc[-1] >= no_dcm[-1] + 3.0, (acc, no_dcm)
-    assert np.mean(acc) >= np.mean(no_ddm) + 1.5, (acc, no_ddm)
-    assert np.mean(acc) >= np.mean(no_dcm) + 0.5, (acc, no_dcm)
+    assert np.mean(acc) >= np.mean(no_ddm) + 3.0, (acc, no_ddm)
+    assert np.mean(acc) >= np.mean(no_dcm) + 0.75, (acc, no_dcm)
     assert acc[-1] >= ft[-1] + 10.0, (acc, ft)

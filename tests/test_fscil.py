@@ -69,6 +69,27 @@ def test_digits_splits_no_leaks_exact_shots_and_seeded():
     np.testing.assert_allclose(data["test"]["x"][7, 0] / 255.0 * 16, raw[i], atol=0.04)
 
 
+def test_digits_occlusion_hides_one_block_in_a_share_of_the_training_images_only():
+    """CD²'s planted signal: a seeded share of the training images gets one zeroed block;
+    validation and test images stay whole."""
+    from trustlab.methods.fscil.digits import build_digits
+
+    p = Protocol(4, 3, 2, 5)
+    whole = build_digits(p, 0, 50, 30, 20)
+    hid = build_digits(p, 0, 50, 30, 20, occluded={"share": 0.3, "side": 4})
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(whole[split]["x"], hid[split]["x"])
+    a, b = whole["train"]["x"][:, 0], hid["train"]["x"][:, 0]
+    changed = (a != b).reshape(len(a), -1).any(1)
+    assert 0.2 < changed.mean() <= 0.35, changed.mean()  # a block on blank pixels changes nothing
+    for i in np.flatnonzero(changed):
+        r, c = np.nonzero(a[i] != b[i])
+        assert np.ptp(r) < 4 and np.ptp(c) < 4 and (b[i][r, c] == 0).all()
+    np.testing.assert_array_equal(b, build_digits(p, 0, 50, 30, 20, occluded={"share": 0.3, "side": 4})["train"]["x"][:, 0])
+    with pytest.raises(ValueError, match="side"):
+        build_digits(p, 0, 50, 30, 20, occluded={"share": 0.3, "side": 9})
+
+
 def test_check_manifest_rejects_leaks_and_wrong_shot_counts():
     from trustlab.methods.fscil.digits import digits_manifest
 

@@ -432,5 +432,6 @@ def build_data(cfg: dict) -> dict:
         from trustlab.methods.fscil.digits import build_digits
 
         return build_digits(protocol_of(cfg), int(cfg["seed"]), int(d["test_per_class"]),
-                            int(d["val_per_class"]), int(d.get("val_novel_per_class", 0)), d.get("class_order"))
+                            int(d["val_per_class"]), int(d.get("val_novel_per_class", 0)), d.get("class_order"),
+                            d.get("occluded"))
     return load_manifest(build_manifest(cfg), size, ch, cfg["run"].get("s3_endpoint"))
