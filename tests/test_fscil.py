@@ -88,6 +88,8 @@ def test_digits_occlusion_hides_one_block_in_a_share_of_the_training_images_only
     np.testing.assert_array_equal(b, build_digits(p, 0, 50, 30, 20, occluded={"share": 0.3, "side": 4})["train"]["x"][:, 0])
     with pytest.raises(ValueError, match="side"):
         build_digits(p, 0, 50, 30, 20, occluded={"share": 0.3, "side": 9})
+    with pytest.raises(ValueError, match="share"):
+        build_digits(p, 0, 50, 30, 20, occluded={"share": -0.1, "side": 4})
 
 
 def test_check_manifest_rejects_leaks_and_wrong_shot_counts():

@@ -39,10 +39,8 @@ def occlude(x: np.ndarray, share: float, side: int, seed: int) -> np.ndarray:
     """A copy of images ``x`` (N x C x H x W) where a seeded ``share`` of them has a ``side`` x
     ``side`` block at a random place set to zero."""
     x = x.copy()
-    if share <= 0:
-        return x
     h, w = x.shape[-2:]
-    if not 0 < side <= min(h, w) or share > 1:
+    if not 0 < side <= min(h, w) or not 0 <= share <= 1:
         raise ValueError(f"occluded: share must be in [0, 1] and side in 1..{min(h, w)}, got {share}, {side}")
     rng = np.random.default_rng([int(seed), 0x0CC1])
     for i in np.flatnonzero(rng.random(len(x)) < share):
@@ -58,6 +56,6 @@ def build_digits(p: Protocol, seed: int, test_per_class: int = 50, val_per_class
     x, _ = digits_images()
     df = digits_manifest(p, seed, test_per_class, val_per_class, val_novel_per_class, class_order)
     out = arrays_from_manifest(df, x[df["image_id"].to_numpy()])
-    if occluded and float(occluded.get("share", 0)) > 0:
+    if occluded:
         out["train"]["x"] = occlude(out["train"]["x"], float(occluded["share"]), int(occluded["side"]), seed)
     return out
