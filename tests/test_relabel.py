@@ -148,8 +148,9 @@ def test_relabel_explanations_beat_random_and_a_constant_weight_student_on_delet
     """The student's weights must carry the explanation: its contribution map ``w * x`` is
     compared with a constant-weight student (``w = 1``: the explanation is the image itself,
     which alone ranks bright digit strokes first and deletes well on digits) and with random.
-    Measured on these 30 test digits: deletion AUC re-label 0.077, constant weight 0.216,
-    random 0.536 (0.125 for re-label with the VAE at beta 1). Asserted: re-label <= 0.75x the
+    Measured on these 30 test digits: deletion AUC re-label 0.072 (0.077 with the earlier 400
+    half-hard labels), constant weight 0.216, random 0.536 (0.125 for re-label with the VAE at
+    beta 1). Asserted: re-label <= 0.75x the
     constant-weight student's deletion AUC, <= 0.5x random's. With the student's weights replaced
     by a constant (``distil`` returning ``x`` as the contribution) the first assertion fails
     (0.2155 <= 0.75 x 0.2155)."""
@@ -178,13 +179,14 @@ def test_relabel_explanations_beat_random_and_a_constant_weight_student_on_delet
 
 
 @pytest.mark.xfail(strict=True, reason="known gap (issue 17): on digits with the default black box, latent-space re-label "
-                   "distillation (deletion AUC 0.049) loses to gradient x input (0.040) and LIME (0.033), beats occlusion "
-                   "(0.058); strict, so the day it beats them all this test reports it")
+                   "distillation (deletion AUC 0.061) loses to gradient x input (0.041), LIME (0.034) and occlusion "
+                   "(0.059); strict, so the day it beats them all this test reports it")
 def test_relabel_beats_every_baseline_it_computes_on_deletion(cfg, trained_reject):
     """Issue 17 asks the method to beat every attribution baseline it reports on deletion AUC.
     Measured on 30 test digits with the default black box (the CNN with its reject output), the
-    evaluation's ``attribution_maps``: re-label 0.049, gradient saliency 0.410, gradient x input
-    0.040, occlusion 0.058, LIME 0.033, random 0.369. On the plain CNN (before the reject output
+    evaluation's ``attribution_maps``: re-label 0.061 (0.049 with the earlier 400 half-hard
+    labels), gradient saliency 0.403, gradient x input 0.041, occlusion 0.059, LIME 0.034,
+    random 0.373. On the plain CNN (before the reject output
     was planted): re-label 0.077, gradient x input 0.045, occlusion 0.076, LIME 0.051. LIME masks
     pixels to the deletion baseline, the very operation the metric applies; gradient x input reads
     the black box at the image itself. Radius, samples, labels, l2 1e-2 and anchor moved re-label by
@@ -265,12 +267,14 @@ def test_latent_neighbours_beat_pixel_noise_where_the_black_box_reacts_to_noise(
     box has a reject output trained on noisy digits (``method.blackbox.reject``), silent on the data.
     Pixel-noise neighbours (the ablation, ``perturb=pixel``) mostly land on it, so their relabelled
     shifts say "noisy", not which strokes carry the digit; the VAE's neighbours stay on the digit
-    manifold. Measured on these 60 test digits (same seeds, this file's budget): deletion AUC
-    latent 0.050 vs pixel 0.071; pixel neighbours rejected 0.80, latent 0.09. On the plain CNN
-    (no reject output) the pixel ablation is the better one (pixel 0.054 vs latent 0.068): the gap is the
-    planted signal's. Asserted: pixel >= 1.25x latent, and that ratio above the plain CNN's by 0.3.
-    With the mechanism off (``perturb=pixel`` for both explanations) the first fails (ratio 1.0);
-    with the reject output off (the YAML's ``reject: null``) both fail."""
+    manifold. Measured on these 60 test digits (same seeds, the YAML's 50 queries): deletion AUC
+    latent 0.0597 vs pixel 0.0738 (1.24x); pixel neighbours rejected 0.79, latent 0.08. On the
+    plain CNN (no reject output) the two are close (pixel 0.0720 vs latent 0.0671, 1.07x): the gap
+    is the planted signal's. (At the earlier 400 queries: 0.050 vs 0.071, plain 0.068 vs 0.054.)
+    Asserted: pixel >= 1.15x latent, and that ratio above the plain CNN's by 0.1. With the
+    mechanism off (``perturb=pixel`` for both explanations) the first fails (ratio 1.0); with the
+    reject output off (an 11-output CNN trained without noisy copies) the ratio is 0.91 and both
+    fail."""
     out = {}
     for name, (model, data) in (("reject", trained_reject), ("plain", trained)):
         x = torch.from_numpy(data["test"]["x"][:60])
@@ -286,8 +290,33 @@ def test_latent_neighbours_beat_pixel_noise_where_the_black_box_reacts_to_noise(
         out[name] = d
     r, p = out["reject"], out["plain"]
     assert r["pixel_rejected"] > 0.5 and r["latent_rejected"] < 0.25, r  # the planted behaviour, as intended
-    assert r["pixel"] >= 1.25 * r["latent"], out  # the VAE neighbourhood explains the decision better (1.40x)
-    assert r["pixel"] / r["latent"] > p["pixel"] / p["latent"] + 0.3, out  # and the planted output is why (1.40 vs 0.80)
+    assert r["pixel"] >= 1.15 * r["latent"], out  # the VAE neighbourhood explains the decision better (1.24x)
+    assert r["pixel"] / r["latent"] > p["pixel"] / p["latent"] + 0.1, out  # and the planted output is why (1.24 vs 1.07)
+
+
+def test_tempered_soft_labels_beat_the_flips_alone_at_the_default_budget(cfg, trained_reject):
+    """Issue 17's known answer for the soft teacher information: at the YAML's query budget
+    (``relabel.n_samples`` 50, under one neighbour per student pixel) a student fitted to the black
+    box's tempered probability of the original class (``temperature`` 4, soft labels only) explains
+    the decision better than one fitted to the label flips alone (the ``hard labels only``
+    ablation, same neighbours). Measured on these 100 test digits (default black box): deletion
+    AUC soft 0.0554 vs hard 0.0771 at 50 queries; 0.0473 vs 0.0526 at 400, where both students
+    are well determined and the flips say nearly as much. Asserted: hard >= soft + 0.015, and the
+    soft labels' lead shrinks at 8x the budget. With the soft labels off (the YAML's
+    ``hard_weight: 1``) it fails."""
+    model, data = trained_reject
+    x = torch.from_numpy(data["test"]["x"][:100])
+    base = A.baseline_image(x, "zero")
+    d = {}
+    for n in (int(cfg["method"]["relabel"]["n_samples"]), 8 * int(cfg["method"]["relabel"]["n_samples"])):
+        rc = dict(cfg["method"]["relabel"], n_samples=n)
+        nb = R.neighbourhood(model, x, rc, seed=0)
+        for name, hw in (("main", None), ("hard", 1.0)):
+            ex = R.distil(nb, x, rc, hard_weight=hw)
+            d[f"{name}{n}"] = float(A.deletion_insertion(model.probs, x, ex["c"], ex["contribution"], base)["deletion_auc"].mean())
+    n = int(cfg["method"]["relabel"]["n_samples"])
+    assert d[f"hard{n}"] >= d[f"main{n}"] + 0.015, d
+    assert d[f"hard{n}"] - d[f"main{n}"] > d[f"hard{8 * n}"] - d[f"main{8 * n}"], d
 
 
 def test_reject_examples_are_noisy_copies_labelled_reject_and_bad_specs_are_refused(cfg):

@@ -17,7 +17,9 @@ For one image ``x`` with black-box prediction ``c = argmax f(x)``:
 2. ``x_k = x + dec(z_k) - dec(mu)`` (``relabel.anchor: residual``, our choice: the image keeps its
    own detail and a blurry VAE reconstruction cannot flip the label by itself; ``decoded`` uses
    ``x_k = dec(z_k)``); the black box labels each: hard label ``h_k = 1[argmax f(x_k) == c]``
-   (label kept, 0 = shifted) and soft score ``s_k = f(x_k)_c`` (both kept);
+   (label kept, 0 = shifted) and soft score ``s_k = softmax(logits(x_k) / T)_c`` (both kept;
+   ``relabel.temperature`` T as in knowledge distillation: a confident black box's ``p_c`` is near
+   0 or 1 on most neighbours and says little more than the flip, the tempered one is graded);
 3. a linear student ``g(x') = w . phi(x') + b`` on cell-pooled pixels ``phi`` (``cell`` x ``cell``
    cells; 1 = pixels) is fitted by logistic regression to ``hard_weight * h + (1 - hard_weight) * s``
    with an L2 penalty ``l2`` (Newton / IRLS; all images of a batch are fitted at once);
@@ -198,8 +200,10 @@ class RelabelModel(nn.Module):
         v = m["vae"]
         self.vae = VAE(ch, h, int(v["latent"]), int(v["hidden"]), v.get("arch", "auto"))
 
-    def probs(self, x):
-        return torch.softmax(self.blackbox(x), dim=1)
+    def probs(self, x, temperature: float = 1.0):
+        """The black box's class probabilities; ``temperature`` > 1 softens them (logits / T), as
+        in knowledge distillation: the argmax is the same, the confidence is graded."""
+        return torch.softmax(self.blackbox(x) / float(temperature), dim=1)
 
 
 # ----------------------------------------------------------------------------- re-label distillation
@@ -275,14 +279,18 @@ def synthesize(model: RelabelModel, x: torch.Tensor, rcfg: dict, seed, perturb: 
 @torch.no_grad()
 def neighbourhood(model: RelabelModel, x: torch.Tensor, rcfg: dict, seed=0, perturb: str | None = None) -> dict:
     """Steps 1-2: synthetic neighbours of each image relabelled by the black box ->
-    ``{"xs": B x N x C x H x W, "kept": B x N, "soft": B x N, "c": B, "radius": B}``."""
+    ``{"xs": B x N x C x H x W, "kept": B x N, "soft": B x N, "c": B, "radius": B}``; ``soft`` is
+    ``p_c`` at ``rcfg["temperature"]`` (default 1)."""
     perturb = perturb or rcfg.get("perturb", "latent")
     bsz, ch, h, wd = x.shape
     c = model.probs(x).argmax(1)
+    temp = float(rcfg.get("temperature", 1.0))  # soft labels only: the hard ones are argmaxes, the same at any T
+    if not temp > 0:
+        raise ValueError(f"method.relabel.temperature must be > 0, got {temp}")
 
     def sample(idx, radius, s):
         xs = synthesize(model, x[idx], rcfg, s, perturb, radius)
-        probs = model.probs(xs.view(-1, ch, h, wd)).view(len(idx), xs.shape[1], -1)
+        probs = model.probs(xs.view(-1, ch, h, wd), temp).view(len(idx), xs.shape[1], -1)
         return (xs, *relabel(probs, c[idx]))
 
     seeds = np.asarray(A.per_item_seeds(seed, bsz), dtype=np.int64)
