@@ -343,3 +343,39 @@ def test_method_yaml_tune_space_is_valid(name):
     cfg = compose([f"method={name}"])
     validate_space(cfg["method"]["tune"]["space"], cfg)
     assert cfg["method"]["tune"]["metric"] == "val_score"
+
+
+def test_recompute_batchnorm_sets_the_running_statistics_to_the_training_images():
+    """``method.base.precise_bn``: the running statistics the base model is validated and saved
+    with are those of the training images, whatever the running averages had drifted to."""
+    import copy
+
+    from conftest import compose
+    from trustlab.platform.registry import get_method
+    from trustlab.platform.train import WorkerContext
+
+    m = get_method("cd2")
+    cfg = compose(["method=cd2"])
+    data = m.build_data(cfg)
+    sd = m.stage_data(cfg, "base", data)
+    torch.manual_seed(0)
+    model = m.build_model(cfg, "base")
+    bns = [b for b in model.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+    assert bns, "the default backbone has BatchNorm layers"
+    first = bns[0]
+    seen = []
+    probe = copy.deepcopy(model).eval()
+    probe_bn = [b for b in probe.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)][0]
+    probe_bn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        m.session_logits(probe, engine.as_float(sd["train"]["x"]), 0)
+    want = seen[0].mean((0, 2, 3))
+    for b in bns:  # statistics far from any data's
+        b.running_mean.fill_(5.0)
+        b.running_var.fill_(100.0)
+    ctx = WorkerContext.local(cfg, "base", sd)
+    model.eval()  # as validation calls it
+    assert engine.recompute_batchnorm(m, model, ctx) == len(bns)
+    assert torch.allclose(first.running_mean, want, atol=0.02 * float(want.abs().max()) + 1e-4), (first.running_mean, want)
+    assert float(first.running_var.max()) < 50 and all(b.momentum == 0.1 for b in bns)
+    assert not model.training  # left in the mode it was in
