@@ -307,22 +307,22 @@ def test_tempered_soft_labels_beat_the_flips_alone_at_the_default_budget(cfg, tr
     model, data = trained_reject
     x = torch.from_numpy(data["test"]["x"][:100])
     base = A.baseline_image(x, "zero")
+    n = int(cfg["method"]["relabel"]["n_samples"])
     d = {}
-    for n in (int(cfg["method"]["relabel"]["n_samples"]), 8 * int(cfg["method"]["relabel"]["n_samples"])):
-        rc = dict(cfg["method"]["relabel"], n_samples=n)
+    for k in (n, 8 * n):
+        rc = dict(cfg["method"]["relabel"], n_samples=k)
         nb = R.neighbourhood(model, x, rc, seed=0)
         for name, hw in (("main", None), ("hard", 1.0)):
             ex = R.distil(nb, x, rc, hard_weight=hw)
-            d[f"{name}{n}"] = float(A.deletion_insertion(model.probs, x, ex["c"], ex["contribution"], base)["deletion_auc"].mean())
-    n = int(cfg["method"]["relabel"]["n_samples"])
+            d[f"{name}{k}"] = float(A.deletion_insertion(model.probs, x, ex["c"], ex["contribution"], base)["deletion_auc"].mean())
     assert d[f"hard{n}"] >= d[f"main{n}"] + 0.015, d
+    assert d[f"hard{n}"] - d[f"main{n}"] > d[f"hard{8 * n}"] - d[f"main{8 * n}"], d
     # the temperature grades the soft labels and leaves the flips alone; a non-positive one is refused
     rc = dict(cfg["method"]["relabel"], n_samples=20)
     t1, t4 = (R.neighbourhood(model, x[:5], dict(rc, temperature=t), seed=0) for t in (1.0, 4.0))
     assert torch.equal(t1["kept"], t4["kept"]) and not torch.allclose(t1["soft"], t4["soft"])
     with pytest.raises(ValueError, match="temperature"):
         R.neighbourhood(model, x[:2], dict(rc, temperature=0), seed=0)
-    assert d[f"hard{n}"] - d[f"main{n}"] > d[f"hard{8 * n}"] - d[f"main{8 * n}"], d
 
 
 def test_reject_examples_are_noisy_copies_labelled_reject_and_bad_specs_are_refused(cfg):
