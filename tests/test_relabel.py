@@ -262,6 +262,28 @@ def test_external_black_box_from_another_methods_checkpoint(tmp_path):
     assert torch.allclose(w[:8, :8], w[0, 0].expand(8, 8), atol=1e-4)
 
 
+def test_explanations_do_not_depend_on_the_memory_layout_of_the_images():
+    """Images that arrive channels-last (an N x H x W x C array transposed to N x C x H x W, as
+    image folders load) get the same explanations and curves as contiguous ones. A re-label run on
+    a trained F2C detector failed in its relabel stage with "view size is not compatible" in
+    ``deletion_insertion`` before the batch's views became reshapes."""
+    cfg = compose(["method=relabel", "method.relabel.n_samples=16", "method.vae.latent=8", "method.eval.lime_samples=32",
+                   "method.eval.occlusion_patch=2"])
+    torch.manual_seed(0)
+    model = R.RelabelModel(cfg, (3, 8, 8), 10).eval()
+    x = torch.from_numpy(np.random.default_rng(0).random((3, 8, 8, 3), dtype=np.float32)).permute(0, 3, 1, 2)
+    assert not x.is_contiguous()
+    rcfg, ecfg = cfg["method"]["relabel"], cfg["method"]["eval"]
+    with torch.no_grad():
+        got = R.attribution_maps(model, x, rcfg, ecfg, seed=0)
+        ref = R.attribution_maps(model, x.contiguous(), rcfg, ecfg, seed=0)
+    assert set(got["maps"]) == set(ref["maps"])
+    for name, a in got["maps"].items():
+        assert torch.allclose(a, ref["maps"][name], atol=1e-5), name
+        d = A.deletion_insertion(model.probs, x, got["c"], a)
+        assert torch.allclose(d["deletion_auc"], A.deletion_insertion(model.probs, x.contiguous(), ref["c"], a)["deletion_auc"])
+
+
 def test_latent_neighbours_beat_pixel_noise_where_the_black_box_reacts_to_noise(cfg, trained, trained_reject):
     """Issue 17's known answer for the method's mechanism (the VAE neighbourhood): the default black
     box has a reject output trained on noisy digits (``method.blackbox.reject``), silent on the data.

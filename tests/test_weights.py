@@ -195,3 +195,31 @@ def test_naco_transformer_weights_load_into_naco_and_last(tmp_path):
                                                    f"method.transformer_weights={path}"]), "pretrain_ssl")
     _same(want, last.state_dict(), prefix="backbone.")
     assert not torch.equal(src.state_dict()["head.0.weight"], naco.state_dict()["head.0.weight"])  # only the Transformer
+
+
+def test_relative_weights_paths_are_made_absolute_before_the_workers_see_them(tmp_path, monkeypatch):
+    """Ray Train and Tune workers run in their trial folders, so a weights path given relative to
+    where ``experiments/run.py`` was started named nothing there (a re-label run on
+    ``method.blackbox.checkpoint=outputs/<f2c run>/checkpoints/best.pt`` failed in its workers with
+    FileNotFoundError). The run folder's preparation makes local sources absolute; URIs and tags stay."""
+    from trustlab.platform.experiment import prepare_run_dir
+
+    w = tmp_path / "bb" / "model.pt"
+    w.parent.mkdir()
+    torch.save({"a": torch.zeros(2)}, w)
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["method=relabel", "method.blackbox.checkpoint=bb", "weights.cache=wcache",
+                   f"run.root={tmp_path / 'runs'}", "run.name=rel"])
+    _, run_dir = prepare_run_dir(cfg)
+    assert cfg["method"]["blackbox"]["checkpoint"] == str(tmp_path / "bb")
+    assert cfg["weights"]["cache"] == str(tmp_path / "wcache")
+    assert f"checkpoint: {tmp_path / 'bb'}" in open(os.path.join(run_dir, "config.yaml")).read()
+    elsewhere = tmp_path / "trial"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # where a worker runs
+    assert W.local_file(cfg["method"]["blackbox"]["checkpoint"], cfg) == str(w)
+    kept = {"method": {"weights": "s3://bucket/w.safetensors", "vae": {"checkpoint": "timm:resnet10t.c3_in1k"}},
+            "weights": {"timm_dir": "s3://bucket/timm"}}
+    assert W.absolute_paths(kept) == {"method": {"weights": "s3://bucket/w.safetensors",
+                                                 "vae": {"checkpoint": "timm:resnet10t.c3_in1k"}},
+                                      "weights": {"timm_dir": "s3://bucket/timm"}}

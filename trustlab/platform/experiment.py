@@ -24,8 +24,9 @@ def run_name(cfg: dict) -> str:
 def prepare_run_dir(cfg: dict, weights: list | None = None) -> tuple[str, str]:
     """Make the run folder and write ``config.yaml`` with ``provenance.weights`` (``weights``, or
     computed here: a missing weights file fails the run before anything trains)."""
-    from trustlab.platform.weights import provenance
+    from trustlab.platform.weights import absolute_paths, provenance
 
+    absolute_paths(cfg)  # before config.yaml and the workers see it: they run in other folders
     name = run_name(cfg)
     cfg["run"]["name"] = name
     cfg.setdefault("provenance", {})["weights"] = provenance(cfg) if weights is None else weights

@@ -381,20 +381,43 @@ def create_open_clip(model_name: str, source: str | None = None, cfg: dict | Non
 
 
 # ----------------------------------------------------------------------------- provenance
-def sources(cfg: dict) -> list[tuple[str, str]]:
-    """``[(dotted key, source)]`` of every weights source named in ``cfg["method"]``."""
+def _slots(cfg: dict) -> list[tuple[dict, str, str]]:
+    """``[(the dict holding it, key, dotted key)]`` of every weights source named in ``cfg["method"]``."""
     out = []
 
     def walk(node, path):
         if isinstance(node, dict):
             for k, v in node.items():
                 if k in WEIGHT_KEYS and isinstance(v, str) and v.strip():
-                    out.append((f"{path}.{k}", v))
+                    out.append((node, k, f"{path}.{k}"))
                 elif isinstance(v, dict):
                     walk(v, f"{path}.{k}")
 
     walk(cfg.get("method") or {}, "method")
     return out
+
+
+def sources(cfg: dict) -> list[tuple[str, str]]:
+    """``[(dotted key, source)]`` of every weights source named in ``cfg["method"]``."""
+    return [(dotted, node[k]) for node, k, dotted in _slots(cfg)]
+
+
+def absolute_paths(cfg: dict) -> dict:
+    """Rewrite, in place, the run's relative local weights sources and ``weights.cache`` /
+    ``weights.timm_dir`` as absolute paths of this (the driver's) working directory: Ray Train
+    and Tune workers run in their own trial folders, where a relative path names nothing.
+    s3:// URIs and timm: tags are left as they are. Returns ``cfg``."""
+    for node, k, _ in _slots(cfg):
+        src = str(node[k])
+        if not (src.startswith("timm:") or storage.is_s3(src)):
+            node[k] = os.path.abspath(os.path.expanduser(src))
+    wb = cfg.get("weights")
+    if isinstance(wb, dict):
+        for k in ("cache", "timm_dir"):
+            v = wb.get(k)
+            if isinstance(v, str) and v.strip() and not storage.is_s3(v):
+                wb[k] = os.path.abspath(os.path.expanduser(v))
+    return cfg
 
 
 def provenance(cfg: dict) -> list[dict]:

@@ -122,7 +122,7 @@ def lime(fn, x: torch.Tensor, c: torch.Tensor, cell: int = 1, n_samples: int = 5
     z[:, 0] = 1.0  # the image itself
     zm = cell_unpool(z.reshape(-1, nc), cell, h, w).view(n, n_samples, 1, h, w).to(x.device)
     xs = x[:, None] * zm + b[:, None] * (1 - zm)
-    p = _batched(lambda t: fn(t), xs.view(-1, ch, h, w)).view(n, n_samples, -1)
+    p = _batched(lambda t: fn(t), xs.reshape(-1, ch, h, w)).view(n, n_samples, -1)
     y = p.gather(2, c.view(-1, 1, 1).expand(n, n_samples, 1)).squeeze(2)
     d = 1.0 - z.mean(2)  # fraction switched off (cosine-like distance to the all-on vector)
     k = torch.exp(-(d**2) / kernel_width**2).to(x.device)
@@ -162,7 +162,7 @@ def deletion_insertion(fn, x: torch.Tensor, c: torch.Tensor, attribution: torch.
         dels.append(x * (1 - on) + b * on)
         ins.append(b * (1 - on) + x * on)
     m = len(counts)
-    allx = torch.stack(dels + ins, 1).view(-1, ch, h, w)
+    allx = torch.stack(dels + ins, 1).reshape(-1, ch, h, w)
     cc = c.view(-1, 1).expand(n, 2 * m).reshape(-1)
     p = class_prob(fn, allx, cc) if len(allx) <= 4096 else torch.cat(
         [class_prob(fn, allx[i : i + 4096], cc[i : i + 4096]) for i in range(0, len(allx), 4096)])

@@ -290,7 +290,7 @@ def neighbourhood(model: RelabelModel, x: torch.Tensor, rcfg: dict, seed=0, pert
 
     def sample(idx, radius, s):
         xs = synthesize(model, x[idx], rcfg, s, perturb, radius)
-        probs = model.probs(xs.view(-1, ch, h, wd), temp).view(len(idx), xs.shape[1], -1)
+        probs = model.probs(xs.reshape(-1, ch, h, wd), temp).view(len(idx), xs.shape[1], -1)
         return (xs, *relabel(probs, c[idx]))
 
     seeds = np.asarray(A.per_item_seeds(seed, bsz), dtype=np.int64)
@@ -318,7 +318,7 @@ def distil(nb: dict, x: torch.Tensor, rcfg: dict, hard_weight: float | None = No
     bsz, ch, h, wd = x.shape
     xs, kept, soft = nb["xs"], nb["kept"], nb["soft"]
     target = hw * kept + (1 - hw) * soft
-    feats = A.cell_pool(xs.view(-1, ch, h, wd), cell).view(bsz, xs.shape[1], -1)
+    feats = A.cell_pool(xs.reshape(-1, ch, h, wd), cell).view(bsz, xs.shape[1], -1)
     w, b = fit_linear_students(feats, target, float(rcfg["l2"]), int(rcfg["steps"]))
     wmap = A.cell_unpool(w, cell, h, wd)
     base = A.baseline_image(x, rcfg.get("baseline", "zero"))
