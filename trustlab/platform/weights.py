@@ -407,16 +407,16 @@ def absolute_paths(cfg: dict) -> dict:
     ``weights.timm_dir`` as absolute paths of this (the driver's) working directory: Ray Train
     and Tune workers run in their own trial folders, where a relative path names nothing.
     s3:// URIs and timm: tags are left as they are. Returns ``cfg``."""
+    def absolute(v: str) -> str:
+        return v if v.startswith("timm:") or storage.is_s3(v) else os.path.abspath(os.path.expanduser(v))
+
     for node, k, _ in _slots(cfg):
-        src = str(node[k])
-        if not (src.startswith("timm:") or storage.is_s3(src)):
-            node[k] = os.path.abspath(os.path.expanduser(src))
+        node[k] = absolute(str(node[k]))
     wb = cfg.get("weights")
     if isinstance(wb, dict):
         for k in ("cache", "timm_dir"):
-            v = wb.get(k)
-            if isinstance(v, str) and v.strip() and not storage.is_s3(v):
-                wb[k] = os.path.abspath(os.path.expanduser(v))
+            if isinstance(wb.get(k), str) and wb[k].strip():
+                wb[k] = absolute(wb[k])
     return cfg
 
 
